@@ -1,0 +1,500 @@
+"""Token log-probabilities (+ entropy) without materialising ``log_softmax`` over the vocabulary.
+
+Naive equivalent (what the tests compare against)::
+
+    z = logits.float() / temperature                      # (N, V) fp32 copy       : 1x logits
+    logsm = z.log_softmax(-1)                             # (N, V) fp32            : 1x logits
+    logp = logsm.gather(-1, labels[..., None])[..., 0]    # (N,)
+    entropy = -(logsm.exp() * logsm).sum(-1)              # (N,)   (another 2x logits)
+    # backward: autograd keeps logsm, allocates d(logsm) (zeros + scatter) and d(z):
+    # ~3x the logits beyond the logits themselves, all fp32.
+
+Here (both backends) the forward reads the logits once and keeps only the per-row
+logsumexp ``lse`` (and entropy ``H``) — N floats. The backward recomputes
+``p = exp(z - lse)`` block by block and writes the logits gradient directly::
+
+    d z_j = g_lp * (1[j == y] - p_j) - g_H * p_j * (z_j - lse + H)      d logits = d z / temperature
+
+so the only (N, V) tensor ever allocated is the gradient itself (or none with
+``inplace_backward=True``, which writes it into the logits buffer).
+
+Layout of this file: torch reference, chunked torch backend, Triton kernels + launchers,
+autograd Functions, public ops (``token_logprobs``, ``linear_token_logprobs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._dispatch import HAS_TRITON, resolve_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = [
+    "token_logprobs",
+    "linear_token_logprobs",
+    "token_logprobs_reference",
+    "linear_token_logprobs_reference",
+]
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    """Options shared by the log-prob kernels (internal; the public ops take keywords)."""
+
+    temperature: float = 1.0
+    ignore_index: int = -100
+    entropy: bool = False  # also compute the entropy of softmax(logits / temperature)
+    inplace_backward: bool = False  # write d(logits) into the logits buffer
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain torch reference (materialises everything; for tests and as documentation)
+# ----------------------------------------------------------------------------------------------
+
+
+def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """``log_softmax(logits / T).gather(labels)`` in fp32, 0 at ``ignore_index`` (and the entropy)."""
+    z = logits.float() / temperature  # (..., V)
+    logsm = torch.log_softmax(z, dim=-1)  # (..., V)
+    valid = labels != ignore_index  # (...)
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    if not return_entropy:
+        return logp
+    ent = -(logsm.exp() * logsm).sum(-1)
+    return logp, torch.where(valid, ent, torch.zeros_like(ent))
+
+
+def linear_token_logprobs_reference(hidden, lm_head_weight, labels, *, bias=None, **kwargs):
+    """``token_logprobs_reference(hidden @ W.T + b, labels)`` — the full logits tensor exists."""
+    logits = torch.nn.functional.linear(hidden, lm_head_weight, bias)  # (..., V)
+    return token_logprobs_reference(logits, labels, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked torch backend (CPU default): vectorised over a block of rows at a time
+# ----------------------------------------------------------------------------------------------
+
+#: elements of fp32 scratch per row chunk (8M elements = 32 MiB): bounds the temporaries.
+TORCH_CHUNK_ELEMS = 1 << 21
+
+
+def _row_chunk(n_rows: int, V: int, budget: int) -> int:
+    return max(1, min(n_rows, budget // max(V, 1)))
+
+
+def _scaled_fp32(x, scale: float):
+    """fp32 ``x * scale``; returns ``x`` itself when it is fp32 and scale == 1, else a new tensor."""
+    if x.dtype != torch.float32:
+        z = x.float()
+        return z.mul_(scale) if scale != 1.0 else z
+    return x * scale if scale != 1.0 else x
+
+
+def _torch_lp_forward(x, labels, valid, opts, logp, lse, ent):
+    """x (N, V) any float dtype -> fills logp, lse, ent (N,) fp32 (ent may be None)."""
+    N, V = x.shape
+    safe = torch.where(valid, labels, 0).unsqueeze(1)  # (N, 1)
+    step = _row_chunk(N, V, TORCH_CHUNK_ELEMS)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        z = _scaled_fp32(x[s:e], 1.0 / opts.temperature)  # (n, V) fp32
+        logsm = torch.log_softmax(z, dim=-1)  # (n, V) chunk only
+        lp = logsm.gather(1, safe[s:e]).squeeze(1)
+        logp[s:e] = lp
+        lse[s:e] = z.gather(1, safe[s:e]).squeeze(1) - lp
+        if ent is not None:
+            z = logsm.exp()  # reuse the name: p
+            ent[s:e] = z.mul_(logsm).sum(-1).neg_()
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    torch.where(valid, logp, zero, out=logp)
+    if ent is not None:
+        torch.where(valid, ent, zero, out=ent)
+
+
+def _torch_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
+    """Write d(x) into ``out`` (N, V) (``out`` may be ``x`` itself). g_lp/g_ent: (N,) fp32."""
+    N, V = x.shape
+    safe = torch.where(valid, labels, 0).unsqueeze(1)  # (N, 1)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    g_lp = torch.where(valid, g_lp, zero).unsqueeze(1)  # (N, 1)
+    if g_ent is not None:
+        g_ent = torch.where(valid, g_ent, zero).unsqueeze(1)
+        h_minus_lse = (ent - lse).unsqueeze(1)  # (N, 1)
+    lse = lse.unsqueeze(1)
+    inv_t = 1.0 / opts.temperature
+    direct = x.dtype == torch.float32 and out.dtype == torch.float32 and opts.temperature == 1.0
+    step = _row_chunk(N, V, TORCH_CHUNK_ELEMS)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        if direct:  # fp32, T == 1: compute straight into the output rows (no scratch at all)
+            d = out[s:e]
+            if g_ent is not None:
+                coef = x[s:e] + h_minus_lse[s:e]  # (n, V) scratch: z - lse + H
+            torch.sub(x[s:e], lse[s:e], out=d)
+        else:
+            z = _scaled_fp32(x[s:e], inv_t)
+            if g_ent is not None:
+                coef = z + h_minus_lse[s:e]
+            d = z.sub_(lse[s:e])  # (n, V) fp32 scratch
+        d.exp_()  # p
+        if g_ent is not None:
+            d.mul_(coef.mul_(g_ent[s:e]).add_(g_lp[s:e])).neg_()  # -p * (g_lp + g_H (z - lse + H))
+        else:
+            d.mul_(g_lp[s:e].neg())
+        d.scatter_add_(1, safe[s:e], g_lp[s:e])
+        if inv_t != 1.0:
+            d.mul_(inv_t)
+        if d.data_ptr() != out[s:e].data_ptr():
+            out[s:e].copy_(d)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (CUDA; CPU under TRITON_INTERPRET=1)
+# ----------------------------------------------------------------------------------------------
+
+#: largest vocabulary tile of one loop iteration (tests lower it to exercise the loop).
+MAX_BLOCK_V = 8192
+
+
+def _launch_cfg(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of size V."""
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    warps = 4 if block <= 1024 else (8 if block <= 2048 else (16 if block <= 4096 else 32))
+    return block, warps
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr):
+        """Online logsumexp of one row over ``n_cols`` (= V, or 0 to skip) columns.
+
+        :returns: (lse, sum_j p_j z_j) with z = x * inv_temp; the second is 0 without HAS_ENT.
+        """
+        m = float("-inf")  # running max
+        s = 0.0  # running sum of exp(z - m)
+        t = 0.0  # running sum of exp(z - m) * z
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            msk = offs < V
+            z = tl.load(x_row + offs, mask=msk, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            scale = tl.exp(m - m_new)
+            e = tl.exp(z - m_new)
+            s = s * scale + tl.sum(e, axis=0)
+            if HAS_ENT:
+                t = t * scale + tl.sum(tl.where(msk, e * z, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        return lse, t / s
+
+    @triton.jit
+    def _lp_fwd_kernel(
+        X, stride_x, LBL, LOGP, LSE, ENT,
+        V, inv_temp, ignore_index,
+        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+    ):  # fmt: skip
+        """One program per row: logp = z_y - lse, H = lse - sum p z; 0 on ignored rows."""
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        label = tl.load(LBL + row)
+        valid = label != ignore_index
+        n_cols = tl.where(valid, V, 0)  # ignored rows skip the vocabulary loop
+        lse, pz = _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V, HAS_ENT)
+        safe = tl.where(valid, label, 0)
+        z_y = tl.load(x_row + safe).to(tl.float32) * inv_temp
+        tl.store(LOGP + row, tl.where(valid, z_y - lse, 0.0))
+        tl.store(LSE + row, tl.where(valid, lse, 0.0))
+        if HAS_ENT:
+            tl.store(ENT + row, tl.where(valid, lse - pz, 0.0))
+
+    @triton.jit
+    def _lp_bwd_kernel(
+        X, stride_x, DX, stride_dx, LBL, LSE, ENT, GLP, GENT,
+        V, inv_temp, ignore_index,
+        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+    ):  # fmt: skip
+        """One program per row: dx = (g (1[j=y] - p) - g_H p (z - lse + H)) / T (DX may alias X)."""
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        dx_row = DX + row * stride_dx
+        label = tl.load(LBL + row)
+        valid = label != ignore_index
+        g = tl.where(valid, tl.load(GLP + row), 0.0)
+        lse = tl.load(LSE + row)
+        if HAS_ENT:
+            g_h = tl.where(valid, tl.load(GENT + row), 0.0)
+            h_minus_lse = tl.load(ENT + row) - lse
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            msk = offs < V
+            z = tl.load(x_row + offs, mask=msk, other=0.0).to(tl.float32) * inv_temp
+            p = tl.exp(z - lse)
+            if HAS_ENT:
+                dz = -p * (g + g_h * (z + h_minus_lse))
+            else:
+                dz = -p * g
+            dz = tl.where(offs == label, dz + g, dz)
+            dz = tl.where(valid, dz * inv_temp, 0.0)
+            tl.store(dx_row + offs, dz.to(DX.dtype.element_ty), mask=msk)
+
+
+def _triton_lp_forward(x, labels, valid, opts, logp, lse, ent):
+    N, V = x.shape
+    if N == 0:
+        return
+    block, warps = _launch_cfg(V)
+    _lp_fwd_kernel[(N,)](
+        x, x.stride(0), labels, logp, lse, ent if ent is not None else lse,
+        V, 1.0 / opts.temperature, opts.ignore_index,
+        BLOCK_V=block, HAS_ENT=ent is not None, num_warps=warps,
+    )  # fmt: skip
+
+
+def _triton_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
+    N, V = x.shape
+    if N == 0:
+        return out
+    block, warps = _launch_cfg(V)
+    has_ent = g_ent is not None
+    _lp_bwd_kernel[(N,)](
+        x, x.stride(0), out, out.stride(0), labels, lse, ent if has_ent else lse,
+        g_lp, g_ent if has_ent else g_lp,
+        V, 1.0 / opts.temperature, opts.ignore_index,
+        BLOCK_V=block, HAS_ENT=has_ent, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend-neutral row ops (also used by policy_loss.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _prep_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, V) view with unit column stride (copies only if the last dim is strided)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def lp_forward(backend, x, labels, opts):
+    """x (N, V), labels (N,) -> (logp, lse, ent|None), each (N,) fp32. No autograd."""
+    N = x.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    ent = torch.empty(N, **f32) if opts.entropy else None
+    valid = labels != opts.ignore_index
+    fwd = _triton_lp_forward if backend == "triton" else _torch_lp_forward
+    fwd(x, labels, valid, opts, logp, lse, ent)
+    return logp, lse, ent
+
+
+def lp_backward(backend, x, labels, lse, ent, g_lp, g_ent, opts, out=None):
+    """d(x) for upstream grads g_lp, g_ent (N,) (g_ent None: no entropy term); written to ``out``."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    g_lp = g_lp.float().contiguous() if g_lp is not None else torch.zeros_like(lse)
+    if g_ent is not None:
+        g_ent = g_ent.float().contiguous()
+    valid = labels != opts.ignore_index
+    bwd = _triton_lp_backward if backend == "triton" else _torch_lp_backward
+    return bwd(x, labels, valid, lse, ent, g_lp, g_ent, opts, out)
+
+
+# chunked hidden @ W.T --------------------------------------------------------------------------
+
+#: logits elements per token chunk of the linear variants, per device type.
+LINEAR_CHUNK_ELEMS = {"cpu": 1 << 23, "cuda": 1 << 26}
+
+
+def linear_chunk_rows(n_rows: int, V: int, device: torch.device, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, min(n_rows, int(chunk_size)))
+    return _row_chunk(n_rows, V, LINEAR_CHUNK_ELEMS.get(device.type, 1 << 24))
+
+
+def _chunk_logits(h, w, b):
+    return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()  # (n, V)
+
+
+def linear_lp_forward(backend, h, w, b, labels, opts, rows):
+    """h (N, H), w (V, H), b (V,)|None -> (logp, lse, ent|None): logits exist one chunk at a time."""
+    N = h.shape[0]
+    f32 = dict(dtype=torch.float32, device=h.device)
+    logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    ent = torch.empty(N, **f32) if opts.entropy else None
+    valid = labels != opts.ignore_index
+    fwd = _triton_lp_forward if backend == "triton" else _torch_lp_forward
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        fwd(_chunk_logits(h[s:e], w, b), labels[s:e], valid[s:e], opts,
+            logp[s:e], lse[s:e], ent[s:e] if ent is not None else None)  # fmt: skip
+    return logp, lse, ent
+
+
+def linear_lp_backward(backend, h, w, b, labels, lse, ent, g_lp, g_ent, opts, rows, needs):
+    """Recompute each logits chunk, turn it into d(logits) in place, fold into dh, dW, db."""
+    need_h, need_w, need_b = needs
+    N = h.shape[0]
+    dh = torch.empty_like(h) if need_h else None
+    dw = torch.zeros_like(w) if need_w else None
+    db = torch.zeros_like(b) if (need_b and b is not None) else None
+    g_lp = g_lp.float().contiguous() if g_lp is not None else torch.zeros_like(lse)
+    if g_ent is not None:
+        g_ent = g_ent.float().contiguous()
+    valid = labels != opts.ignore_index
+    bwd = _triton_lp_backward if backend == "triton" else _torch_lp_backward
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        logits = _chunk_logits(h[s:e], w, b)  # (n, V) recomputed
+        bwd(logits, labels[s:e], valid[s:e], lse[s:e], ent[s:e] if ent is not None else None,
+            g_lp[s:e], g_ent[s:e] if g_ent is not None else None, opts, logits)  # fmt: skip
+        if dh is not None:
+            torch.mm(logits, w, out=dh[s:e])  # (n, H)
+        if dw is not None:
+            dw.addmm_(logits.t(), h[s:e])  # (V, H)
+        if db is not None:
+            db.add_(logits.sum(0))
+    return dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions
+# ----------------------------------------------------------------------------------------------
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """(N, V) logits, (N,) labels -> logp (N,) fp32 [, entropy (N,) fp32]."""
+
+    @staticmethod
+    def forward(ctx, x, labels, opts: LogprobOptions, backend: str):
+        logp, lse, ent = lp_forward(backend, x, labels, opts)
+        ctx.save_for_backward(x, labels, lse, ent)
+        ctx.opts, ctx.backend = opts, backend
+        ctx.set_materialize_grads(False)
+        return (logp, ent) if opts.entropy else logp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent=None):
+        x, labels, lse, ent = ctx.saved_tensors
+        if g_lp is None and g_ent is None:
+            return None, None, None, None
+        out = x if ctx.opts.inplace_backward else None
+        dx = lp_backward(ctx.backend, x, labels, lse, ent, g_lp, g_ent, ctx.opts, out)
+        return dx, None, None, None
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """(N, H) hidden, (V, H) weight, (V,)|None bias, (N,) labels -> logp (N,) [, entropy]."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, labels, opts: LogprobOptions, backend: str, rows: int):
+        logp, lse, ent = linear_lp_forward(backend, h, w, b, labels, opts, rows)
+        ctx.save_for_backward(h, w, b, labels, lse, ent)
+        ctx.opts, ctx.backend, ctx.rows = opts, backend, rows
+        ctx.set_materialize_grads(False)
+        return (logp, ent) if opts.entropy else logp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent=None):
+        h, w, b, labels, lse, ent = ctx.saved_tensors
+        if g_lp is None and g_ent is None:
+            return (None,) * 7
+        needs = ctx.needs_input_grad[:3]
+        dh, dw, db = linear_lp_backward(
+            ctx.backend, h, w, b, labels, lse, ent, g_lp, g_ent, ctx.opts, ctx.rows, needs
+        )
+        return dh, dw, db, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_labels(labels: torch.Tensor, lead: torch.Size, what: str) -> None:
+    if labels.shape != lead:
+        raise ValueError(f"{what}: labels shape {tuple(labels.shape)} must equal the leading dims {tuple(lead)}")
+    if labels.dtype.is_floating_point:
+        raise TypeError(f"{what}: labels must be an integer tensor, got {labels.dtype}")
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+):
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)``, in fp32.
+
+    Naive equivalent: ``log_softmax(logits.float() / T, -1).gather(-1, labels[..., None])[..., 0]``
+    (and ``entropy = -(p * log p).sum(-1)``) — without ever materialising the (..., V)
+    log-softmax: memory beyond the inputs is N floats forward, the logits gradient backward.
+
+    :param logits: (..., V) float tensor (fp32/bf16/fp16), e.g. (B, T, V) or (N, V).
+    :param labels: (...) integer tensor; positions equal to ``ignore_index`` give log-prob 0,
+        entropy 0 and zero gradient.
+    :param temperature: logits are divided by it (sampling temperature of the rollout).
+    :param return_entropy: also return the per-token entropy (fp32, differentiable).
+    :param inplace_backward: write d(logits) into the logits buffer itself (saves one
+        logits-sized allocation). Only when nothing else needs the logits afterwards (e.g. the
+        output of the lm_head); autograd raises if another node saved them.
+    :param backend: ``None`` (process default), ``"auto"``, ``"triton"`` or ``"torch"``.
+    :returns: logp (...) fp32, or (logp, entropy) with ``return_entropy``.
+    """
+    V = logits.shape[-1]
+    _check_labels(labels, logits.shape[:-1], "token_logprobs")
+    name = resolve_backend(backend, logits.device)
+    opts = LogprobOptions(float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward))
+    x = _prep_rows(logits.reshape(-1, V))  # (N, V)
+    out = TokenLogprobsFunction.apply(x, labels.reshape(-1), opts, name)
+    if return_entropy:
+        return out[0].view(labels.shape), out[1].view(labels.shape)
+    return out.view(labels.shape)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+):
+    """``token_logprobs(hidden @ lm_head_weight.T + bias, labels)`` without the full logits.
+
+    Tokens are processed in chunks of ``chunk_size`` rows (default: a few tens of MiB of
+    logits); each chunk's logits are recomputed in the backward and turned into d(logits) in
+    place, so the largest temporary is one (chunk, V) tensor.
+
+    :param hidden: (..., H) final hidden states; :param lm_head_weight: (V, H);
+    :param bias: optional (V,); other parameters as :func:`token_logprobs`.
+    :returns: logp (...) fp32, or (logp, entropy).
+    """
+    H = hidden.shape[-1]
+    _check_labels(labels, hidden.shape[:-1], "linear_token_logprobs")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
+        raise ValueError(f"lm_head_weight must be (V, {H}), got {tuple(lm_head_weight.shape)}")
+    name = resolve_backend(backend, hidden.device)
+    opts = LogprobOptions(float(temperature), int(ignore_index), bool(return_entropy), False)
+    h = hidden.reshape(-1, H)  # (N, H)
+    rows = linear_chunk_rows(h.shape[0], lm_head_weight.shape[0], h.device, chunk_size)
+    out = LinearTokenLogprobsFunction.apply(h, lm_head_weight, bias, labels.reshape(-1), opts, name, rows)
+    if return_entropy:
+        return out[0].view(labels.shape), out[1].view(labels.shape)
+    return out.view(labels.shape)
