@@ -1,0 +1,45 @@
+"""The ``rlfuse`` command: Hydra composes the config, :func:`rlfuse.pipeline.run` runs it.
+
+``rlfuse`` alone runs the embedded default job; ``rlfuse --cfg job`` prints the composed
+config; ``rlfuse -m a=1,2`` runs a sweep; ``rlfuse label ...`` collects human preferences.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rlfuse.config import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="pkg://rlfuse.conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> Any:
+    from rlfuse.pipeline import run
+    from rlfuse.report import print_summary
+
+    hc = HydraConfig.get()
+    summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
+    print_summary(summary, cfg.run_dir or hc.runtime.output_dir)
+    return summary
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "label":
+        from rlfuse.label import main as label_main
+
+        sys.exit(label_main(sys.argv[2:]))
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        print("\n[rlfuse] interrupted; the last checkpoint and metrics on disk are intact.", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The records that flow through the hooks.
+
+Token-level tensors are aligned with ``input_ids``: ``x[:, t]`` belongs to token ``t``. For
+log-probs that means ``logprobs[:, t] = log pi(input_ids[:, t] | input_ids[:, :t])``; the first
+column has no prediction and is 0. ``response_mask`` marks the tokens that are trained on
+(the response, not the prompt or padding), so every masked mean uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Batch:
+    """One batch of sequences (prompt + response) and everything computed about them.
+
+    B = number of sequences, T = padded length. Prompts are left-aligned and each row is
+    ``prompt tokens, response tokens, padding``; ``attention_mask`` is 1 on real tokens.
+    """
+
+    input_ids: Tensor  # (B, T) long
+    attention_mask: Tensor  # (B, T) long, 1 = real token
+    response_mask: Tensor  # (B, T) float, 1 = token that is trained on / scored
+    prompts: list[str] = field(default_factory=list)  # B prompt texts
+    responses: list[str] = field(default_factory=list)  # B response texts
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the dataset row of each prompt
+    group_ids: Tensor | None = None  # (B,) long: sequences sampled from the same prompt
+    old_logprobs: Tensor | None = None  # (B, T) fp32, policy that generated the batch
+    ref_logprobs: Tensor | None = None  # (B, T) fp32, frozen reference policy
+    values: Tensor | None = None  # (B, T) fp32, critic estimate at each token
+    rewards: Tensor | None = None  # (B,) fp32, weighted sum of sequence-level rewards
+    token_rewards: Tensor | None = None  # (B, T) fp32, weighted sum of token-level rewards
+    advantages: Tensor | None = None  # (B, T) fp32
+    returns: Tensor | None = None  # (B, T) fp32, value targets
+    extras: dict[str, Any] = field(default_factory=dict)  # plugin-specific per-row data
+    # Counts over the whole mini-batch a micro-batch belongs to (set by the trainer):
+    # {"tokens": masked response tokens, "sequences": rows}. Loss plugins divide by these.
+    totals: dict[str, float] = field(default_factory=dict)
+    # Per-micro-batch scratch space (the trainer's shared forward pass lives here).
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens in the batch (prompt + response)."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def response_lengths(self) -> Tensor:  # (B,)
+        return self.response_mask.sum(-1)
+
+    def select(self, index: Tensor | list[int] | slice) -> Batch:
+        """Rows ``index`` of every per-row field (tensors, lists and per-row extras)."""
+        n = len(self)
+        if isinstance(index, slice):
+            idx = torch.arange(n)[index]
+        else:
+            idx = torch.as_tensor(index, dtype=torch.long)
+        positions = idx.tolist()
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("totals", "cache"):
+                kw[f.name] = {}
+            elif f.name == "extras":
+                kw[f.name] = {k: _take(x, idx, positions, n) for k, x in v.items()}
+            else:
+                kw[f.name] = _take(v, idx, positions, n)
+        return Batch(**kw)
+
+    def split(self, size: int) -> Iterator[Batch]:
+        """Consecutive chunks of at most ``size`` rows."""
+        for start in range(0, len(self), size):
+            yield self.select(slice(start, start + size))
+
+    def to(self, device: torch.device | str) -> Batch:
+        kw = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device) if isinstance(v, Tensor) else v
+        kw["extras"] = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.extras.items()}
+        return Batch(**kw)
+
+
+def _take(value: Any, idx: Tensor, positions: list[int], n: int) -> Any:
+    """Select rows of a per-row value; values that are not per-row are passed through."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[idx.to(value.device)]
+    if isinstance(value, list) and len(value) == n:
+        return [value[i] for i in positions]
+    return value
+
+
+@dataclass
+class Advantages:
+    """What an ``advantage`` hook returns."""
+
+    advantages: Tensor  # (B, T) fp32, zero outside the response
+    returns: Tensor | None = None  # (B, T) fp32, targets for a critic
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """What a ``loss`` hook may return: terms to add and statistics to log."""
+
+    terms: dict[str, Tensor]  # scalar tensors; the core adds them all
+    metrics: dict[str, float | Tensor] = field(default_factory=dict)  # averaged over micro-batches
+
+
+@dataclass
+class ForwardOutput:
+    """The policy's forward pass on a batch (see :meth:`rlfuse.trainer.Context.forward`)."""
+
+    logprobs: Tensor  # (B, T) fp32, aligned with input_ids (column 0 is 0)
+    entropy: Tensor | None = None  # (B, T) fp32
+    hidden: Tensor | None = None  # (B, T, H) final hidden states (after the last norm)

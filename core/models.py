@@ -1,0 +1,171 @@
+"""Loading Hugging Face causal LMs, building the tiny local model, the policy forward pass."""
+
+from __future__ import annotations
+
+import copy
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlfuse.config import ModelConfig
+from rlfuse.data import Batch, ForwardOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The tiny tokenizer: one token per printable ASCII character, plus four specials.
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = list(string.digits + string.ascii_letters + string.punctuation + " \n")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A character-level tokenizer built with the `tokenizers` library (no download)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> nn.Module:
+    """A small Llama built from a transformers config; same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.tiny
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig):
+    path = cfg.tokenizer or cfg.name_or_path
+    if path is None:
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(cfg: ModelConfig, tokenizer: Any, seed: int) -> nn.Module:
+    if cfg.name_or_path is None:
+        model = build_tiny_model(cfg, tokenizer, seed).to(DTYPES[cfg.dtype])
+    else:
+        model = load_pretrained(cfg.name_or_path, cfg)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.eos_token_id is not None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def load_pretrained(path: str, cfg: ModelConfig) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
+    if Path(path).is_dir() is False and Path(path).exists():
+        raise ValueError(f"model.name_or_path '{path}' is a file, expected a model folder")
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:  # (B, T)
+    """Positions that count only real tokens, as HF ``generate`` uses for padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _from_hidden_ok(model: nn.Module) -> bool:
+    """Whether logits are exactly ``hidden @ lm_head.T`` (no soft-capping or scaling)."""
+    c = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(c, attr, None) not in (None, 1, 1.0):
+            return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(head, nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
+
+
+def forward(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    entropy: bool = False,
+    hidden: bool = False,
+    temperature: float = 1.0,
+) -> ForwardOutput:
+    """Token log-probs of ``batch.input_ids`` under ``model``, aligned with the tokens.
+
+    The full (B, T, V) logits tensor is never formed when the model allows it: the final
+    hidden states go through :func:`rlfuse.kernels.linear_token_logprobs` with the lm_head
+    weight, chunked over tokens. Otherwise the logits go through
+    :func:`rlfuse.kernels.token_logprobs`.
+    """
+    from rlfuse.kernels import linear_token_logprobs, token_logprobs
+
+    ids, mask = batch.input_ids, batch.attention_mask
+    pos = position_ids(mask)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
+    h = None
+    if _from_hidden_ok(model):
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos)
+        h = out.last_hidden_state  # (B, T, H)
+        head = model.get_output_embeddings()
+        res = linear_token_logprobs(
+            h[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,
+            return_entropy=entropy,
+        )
+    else:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=hidden)
+        if hidden:
+            h = out.hidden_states[-1]
+        res = token_logprobs(out.logits[:, :-1], labels, temperature=temperature, return_entropy=entropy)
+    lp, ent = (res if entropy else (res, None))
+    pad = lp.new_zeros(lp.shape[0], 1)
+    lp = torch.cat([pad, lp], dim=1)  # (B, T)
+    if ent is not None:
+        ent = torch.cat([pad, ent], dim=1)
+    return ForwardOutput(logprobs=lp, entropy=ent, hidden=h)

@@ -1,0 +1,103 @@
+"""Multi-stage presets (pipelines), e.g. SFT -> reward model -> PPO.
+
+A preset whose ``algo.stages`` is non-empty is a pipeline. Each stage is an ordinary
+single-stage job composed from the same config tree::
+
+    algo:
+      name: rlhf
+      stages:
+        sft:   {algo: sft, overrides: [trainer.max_steps=200]}
+        rm:    {algo: reward_model}
+        ppo:   {algo: ppo, init_from: sft, overrides: ["reward=model", "reward.model.path={run_dir}/rm/final"]}
+      summary: {eval/reward_sft: ppo/eval/reward_before}
+
+Stage ``s`` runs in ``<run_dir>/<s>`` with the overrides ``algo=<algo>``, the stage's own
+overrides (``{run_dir}`` is replaced by the pipeline's run dir), then the user's command-line
+overrides (except ``algo=``), so ``rlfuse trainer.max_steps=5`` shortens every stage.
+``init_from: other`` starts the stage from ``<run_dir>/<other>/final``. A stage whose
+``summary.json`` exists is skipped, so re-running an interrupted pipeline continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from rlfuse.trainer import train, write_json_atomic
+
+STAGE_KEYS = {"algo", "overrides", "init_from"}
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run ``cfg``: a single job, or every stage of a pipeline preset."""
+    run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
+    if not cfg.algo.get("stages"):
+        return train(cfg, run_dir)
+    return run_pipeline(cfg, overrides or [], run_dir)
+
+
+def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    user = [o for o in overrides if not _key(o).startswith(("algo", "hydra", "run_dir", "+run_dir"))]
+    summary: dict[str, Any] = {"algo": cfg.algo.name, "stages": {}}
+    metrics_lines: list[str] = []
+    last = None
+    for name, stage in cfg.algo.stages.items():
+        unknown = set(stage) - STAGE_KEYS
+        if unknown:
+            raise ValueError(f"algo.stages.{name}: unknown keys {sorted(unknown)}; allowed: {sorted(STAGE_KEYS)}")
+        if not stage.get("algo"):
+            raise ValueError(f"algo.stages.{name}: missing 'algo' (the preset this stage runs)")
+        stage_dir = run_dir / name
+        stage_over = [f"algo={stage.algo}"]
+        stage_over += [o.replace("{run_dir}", str(run_dir)) for o in stage.get("overrides") or []]
+        if stage.get("init_from"):
+            stage_over.append(f"model.name_or_path={run_dir / stage.init_from / 'final'}")
+        stage_over += user + [f"run_dir={stage_dir}"]
+        done = stage_dir / "summary.json"
+        if done.exists():
+            print(f"[rlfuse] stage '{name}': already done ({done}), skipped")
+            result = json.loads(done.read_text())
+        else:
+            print(f"[rlfuse] stage '{name}': algo={stage.algo}")
+            if GlobalHydra.instance().is_initialized():
+                stage_cfg = compose(config_name="config", overrides=stage_over)
+            else:
+                with initialize_config_module("rlfuse.conf", version_base="1.3"):
+                    stage_cfg = compose(config_name="config", overrides=stage_over)
+            result = run(stage_cfg, stage_over, stage_dir)
+        summary["stages"][name] = result
+        if (stage_dir / "metrics.jsonl").exists():
+            for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                row["stage"] = name
+                metrics_lines.append(json.dumps(row))
+        last = name
+    (run_dir / "metrics.jsonl").write_text("\n".join(metrics_lines) + ("\n" if metrics_lines else ""))
+    for key, src in (cfg.algo.get("summary") or {}).items():
+        summary[key] = _lookup(summary["stages"], src)
+    if last is not None:
+        link = run_dir / "final"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(Path(last) / "final", link)
+        summary["final_policy"] = str(run_dir / last / "final")
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _lookup(stages: dict[str, Any], src: str) -> Any:
+    """``stage/key`` -> the value of ``key`` in that stage's summary (None if absent)."""
+    stage, _, key = src.partition("/")
+    return (stages.get(stage) or {}).get(key)

@@ -1,0 +1,91 @@
+"""Sampling responses from a causal LM into a :class:`~rlfuse.Batch` (shared by the
+``generate`` rollout, the task evaluator and ``rlfuse label``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlfuse.data import Batch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask, (B, P) each."""
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    cfg: SamplingConfig,
+    device: torch.device,
+) -> Batch:
+    """Generate one response per prompt id list (repeat prompts for several samples).
+
+    Rows of the result are ``[left padding][prompt][response incl. EOS][padding]``;
+    ``response_mask`` is 1 on the response tokens up to and including the first EOS.
+    """
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    ids, mask = left_pad(prompt_ids, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    was_training = model.training
+    model.eval()
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+    if cfg.greedy:
+        kwargs.update(do_sample=False)
+    else:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    finally:
+        model.train(was_training)
+    P = ids.shape[1]
+    resp = out[:, P:]  # (B, L)
+    if eos_id is not None:
+        is_eos = resp == eos_id
+        # 1 up to and including the first EOS
+        after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        resp_mask = (~after).long()
+    else:
+        resp_mask = torch.ones_like(resp)
+    resp = resp.masked_fill(resp_mask == 0, pad_id)
+    L = int(resp_mask.sum(-1).max()) if resp.shape[1] else 0
+    resp, resp_mask = resp[:, :L], resp_mask[:, :L]
+    input_ids = torch.cat([ids, resp], dim=1)
+    attention = torch.cat([mask, resp_mask], dim=1)
+    response_mask = torch.cat([torch.zeros_like(mask), resp_mask], dim=1).float()
+    texts = tokenizer.batch_decode(
+        [r[m.bool()].tolist() for r, m in zip(resp, resp_mask)], skip_special_tokens=True
+    )
+    prompts = tokenizer.batch_decode([p for p in prompt_ids], skip_special_tokens=True)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        response_mask=response_mask,
+        prompts=prompts,
+        responses=texts,
+    )

@@ -1,0 +1,77 @@
+"""Logger plugins: ``logger=[jsonl,console]`` (the default) and friends.
+
+* ``jsonl``: one JSON object per line in ``<run_dir>/metrics.jsonl`` (training steps, and
+  evaluations as lines whose keys are ``eval/...``).
+* ``console``: a progress bar with the main figures; evaluations printed as lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from rlfuse import hookimpl
+
+
+class JsonlLogger:
+    def __init__(self, cfg: Any = None, name: str = "jsonl") -> None:
+        self.f: Any = None
+
+    @hookimpl
+    def setup(self, ctx: Any) -> None:
+        mode = "a" if ctx.cfg.trainer.resume else "w"
+        self.f = (ctx.run_dir / "metrics.jsonl").open(mode, encoding="utf-8")
+
+    @hookimpl
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.f.flush()
+
+    @hookimpl
+    def teardown(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+@dataclass
+class ConsoleConfig:
+    keys: list[str] | None = None  # metrics shown on the bar (default: a sensible set)
+
+
+DEFAULT_KEYS = ["reward/mean", "loss/total", "policy/kl_ref", "kl/ref_kl", "policy/clipfrac", "rewards/accuracies", "perf/tokens_per_s"]
+SHORT = {"reward/mean": "reward", "loss/total": "loss", "policy/kl_ref": "kl", "kl/ref_kl": "kl",
+         "policy/clipfrac": "clip", "rewards/accuracies": "acc", "perf/tokens_per_s": "tok/s"}
+
+
+class ConsoleLogger:
+    Config = ConsoleConfig
+
+    def __init__(self, cfg: ConsoleConfig, name: str = "console") -> None:
+        self.keys = cfg.keys or DEFAULT_KEYS
+        self.bar: Any = None
+
+    @hookimpl
+    def setup(self, ctx: Any) -> None:
+        from tqdm import tqdm
+
+        if ctx.cfg.trainer.progress:
+            self.bar = tqdm(total=ctx.cfg.trainer.max_steps, desc=ctx.cfg.algo.name, file=sys.stderr,
+                            dynamic_ncols=True, leave=True)
+
+    @hookimpl
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if any(k.startswith("eval/") for k in metrics):
+            text = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/"))
+            (self.bar.write if self.bar else print)(f"[eval @ step {step}] {text}")
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            shown = {SHORT.get(k, k): f"{metrics[k]:.4g}" for k in self.keys if k in metrics}
+            self.bar.set_postfix(shown, refresh=True)
+
+    @hookimpl
+    def teardown(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,68 @@
+"""``rollout=sft_data``: batches of demonstrations from ``data.sft`` (offline algorithms).
+
+Each row is ``prompt`` + ``completion`` (or chat ``messages`` ending with the assistant's
+answer). ``response_mask`` marks the completion tokens (with EOS), so ``loss=sft`` trains on
+the answer only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlfuse import hookimpl
+from rlfuse.data import Batch
+from rlfuse.plugins.records import completion_text, encode_answer, encode_prompt, pack, prompt_text, read_jsonl
+from rlfuse.plugins.stream import RecordStream
+
+
+@dataclass
+class Config:
+    batch_size: int = 32
+    shuffle: bool = True
+
+
+class Plugin:
+    Config = Config
+
+    def __init__(self, cfg: Config, name: str = "sft_data") -> None:
+        self.cfg = cfg
+        self.name = name
+        self.stream: RecordStream | None = None
+
+    @hookimpl
+    def setup(self, ctx: Any) -> None:
+        data, tok = ctx.cfg.data, ctx.tokenizer
+        if not data.sft:
+            raise ValueError("rollout=sft_data needs data.sft (a JSONL file of demonstrations)")
+        items = []
+        for r in read_jsonl(data.sft, required=(("prompt", "completion"), ("messages",))):
+            p = prompt_text(r, tok)
+            items.append(
+                (
+                    encode_prompt(tok, p, data.max_prompt_length, data.truncation, r.where),
+                    encode_answer(tok, completion_text(r, tok)),
+                    p,
+                    r.row,
+                )
+            )
+        self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
+
+    @hookimpl
+    def rollout(self, ctx: Any, step: int) -> Batch:
+        assert self.stream is not None
+        picked = self.stream.take(self.cfg.batch_size)
+        ids, attn, resp = pack([p for p, *_ in picked], [a for _, a, *_ in picked], ctx.tokenizer.pad_token_id, ctx.cfg.data.max_length)
+        return Batch(
+            input_ids=ids, attention_mask=attn, response_mask=resp, prompts=[x[2] for x in picked], rows=[x[3] for x in picked]
+        ).to(ctx.device)
+
+    @hookimpl
+    def save_state(self) -> dict[str, Any]:
+        return {f"rollout.{self.name}": self.stream.state_dict() if self.stream else None}
+
+    @hookimpl
+    def load_state(self, state: dict[str, Any]) -> None:
+        s = state.get(f"rollout.{self.name}")
+        if s and self.stream:
+            self.stream.load_state_dict(s)

@@ -1,0 +1,43 @@
+"""A seeded, resumable stream over a list of records (shared by the rollout plugins)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class RecordStream:
+    """Yields records in a fresh seeded order each pass; its position survives a resume."""
+
+    def __init__(self, records: list[Any], seed: int, shuffle: bool = True) -> None:
+        self.records = records
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.pos = 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.records)))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.records), generator=g).tolist()
+
+    def take(self, n: int) -> list[Any]:
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self._order):
+                self.epoch += 1
+                self.pos = 0
+                self._order = self._make_order()
+            out.append(self.records[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._make_order()

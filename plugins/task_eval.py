@@ -1,0 +1,91 @@
+"""``eval=task``: evaluate the policy on held-out prompts with the task's true reward.
+
+Greedy (or sampled) responses to ``data.eval_prompts`` are scored by ``data.reward_fn``
+(``module:function``, called like a ``reward=rule`` function). Reports ``eval/reward`` (mean
+true reward) and ``eval/exact`` (fraction scoring 1.0). Reward components named in
+``scorers`` (e.g. ``[model]`` for a learned reward model) also score the same responses, as
+``eval/score/<name>``: the learned score sits beside the true reward, so a policy that games
+the reward model shows up as a rising score with a flat or falling true reward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlfuse import hookimpl
+from rlfuse.plugins.generation import SamplingConfig, sample
+from rlfuse.plugins.records import encode_prompt, prompt_text, read_jsonl
+from rlfuse.plugins.rule_reward import load_function
+
+
+@dataclass
+class Config:
+    num_prompts: int = 200  # first N eval prompts
+    batch_size: int = 200
+    max_new_tokens: int = 16
+    greedy: bool = True
+    temperature: float = 1.0
+    scorers: list[str] = field(default_factory=list)  # reward components that also score
+    samples: int = 3  # example responses recorded in eval_samples.jsonl
+
+
+class Plugin:
+    Config = Config
+
+    def __init__(self, cfg: Config, name: str = "task") -> None:
+        self.cfg = cfg
+        self.name = name
+
+    @hookimpl
+    def setup(self, ctx: Any) -> None:
+        data = ctx.cfg.data
+        if not data.eval_prompts or not data.reward_fn:
+            raise ValueError("eval=task needs data.eval_prompts and data.reward_fn")
+        recs = read_jsonl(data.eval_prompts, required=(("prompt",), ("messages",)))[: self.cfg.num_prompts]
+        self.items = [
+            (encode_prompt(ctx.tokenizer, prompt_text(r, ctx.tokenizer), data.max_prompt_length, data.truncation, r.where), r.row)
+            for r in recs
+        ]
+        self.fn = load_function(data.reward_fn, "data.reward_fn")
+        self.sampling = SamplingConfig(
+            max_new_tokens=self.cfg.max_new_tokens, greedy=self.cfg.greedy, temperature=self.cfg.temperature
+        )
+
+    @hookimpl
+    def evaluate(self, ctx: Any, step: int) -> dict[str, float]:
+        true, scores = [], {n: [] for n in self.cfg.scorers}
+        examples = []
+        for s in range(0, len(self.items), self.cfg.batch_size):
+            chunk = self.items[s : s + self.cfg.batch_size]
+            batch = sample(ctx.policy, ctx.tokenizer, [p for p, _ in chunk], self.sampling, ctx.device)
+            batch.rows = [row for _, row in chunk]
+            for p, r, row in zip(batch.prompts, batch.responses, batch.rows):
+                true.append(float(self.fn(prompt=p, response=r, **{k: v for k, v in row.items() if k not in ("prompt", "messages")})))
+                if len(examples) < self.cfg.samples:
+                    examples.append({"prompt": p, "response": r, "reward": true[-1]})
+            for n in self.cfg.scorers:
+                scores[n].append(self._score(ctx, n, batch))
+        out = {
+            "eval/reward": sum(true) / len(true),
+            "eval/exact": sum(t == 1.0 for t in true) / len(true),
+        }
+        for n, parts in scores.items():
+            out[f"eval/score/{n}"] = float(torch.cat(parts).mean())
+        with (ctx.run_dir / "eval_samples.jsonl").open("a", encoding="utf-8") as f:
+            import json
+
+            for e in examples:
+                f.write(json.dumps({"step": step, **e}) + "\n")
+        return out
+
+    def _score(self, ctx: Any, name: str, batch: Any) -> torch.Tensor:
+        plugin = ctx.pm.get_plugin(f"reward.{name}")
+        if plugin is None:
+            raise ValueError(f"eval.{self.name}.scorers names '{name}', which is not a configured reward")
+        others = [p for p in ctx.pm.get_plugins() if p is not plugin]
+        caller = ctx.pm.subset_hook_caller("reward", remove_plugins=others)
+        results = [r for r in caller(ctx=ctx, batch=batch) if r]
+        return torch.cat([v.float().reshape(len(batch), -1).sum(-1).cpu() for r in results for v in r.values()])
