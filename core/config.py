@@ -84,6 +84,9 @@ class AlgoConfig:
     stages: dict[str, Any] = field(default_factory=dict)
     # Pipeline summary figures: name -> "stage/key" in that stage's summary.json.
     summary: dict[str, str] = field(default_factory=dict)
+    # A warm-up stage ({algo: sft, overrides: [...]}) run first when the policy is the tiny
+    # model built from scratch (model.name_or_path is null); ignored for a given model.
+    warmup: dict[str, Any] | None = None
 
 
 @dataclass

@@ -16,6 +16,10 @@ overrides (``{run_dir}`` is replaced by the pipeline's run dir), then the user's
 overrides (except ``algo=``), so ``rlfuse trainer.max_steps=5`` shortens every stage.
 ``init_from: other`` starts the stage from ``<run_dir>/<other>/final``. A stage whose
 ``summary.json`` exists is skipped, so re-running an interrupted pipeline continues it.
+
+A single-stage preset with ``algo.warmup`` (the RL presets: a randomly initialised tiny
+model cannot be trained by RL alone) becomes the pipeline ``warmup -> preset`` when the
+policy is built from scratch (``model.name_or_path`` null).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rlfuse.trainer import train, write_json_atomic
 
@@ -35,9 +39,26 @@ STAGE_KEYS = {"algo", "overrides", "init_from"}
 def run(cfg: DictConfig, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run ``cfg``: a single job, or every stage of a pipeline preset."""
     run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
-    if not cfg.algo.get("stages"):
-        return train(cfg, run_dir)
-    return run_pipeline(cfg, overrides or [], run_dir)
+    if cfg.algo.get("stages"):
+        return run_pipeline(cfg, overrides or [], run_dir)
+    if cfg.algo.get("warmup") and cfg.model.name_or_path is None:
+        return run_pipeline(with_warmup(cfg), overrides or [], run_dir)
+    return train(cfg, run_dir)
+
+
+def with_warmup(cfg: DictConfig) -> DictConfig:
+    """A two-stage pipeline: the preset's warm-up, then the preset itself from its result.
+
+    The preset's own stage must not warm up again, hence ``algo.warmup=null`` there.
+    """
+    name = cfg.algo.name
+    stages = {
+        "warmup": dict(cfg.algo.warmup),
+        name: {"algo": name, "init_from": "warmup", "overrides": ["algo.warmup=null"]},
+    }
+    summary = {f"eval/reward_{k}": f"{name}/eval/reward_{k}" for k in ("before", "after")}
+    summary.update({f"eval/exact_{k}": f"{name}/eval/exact_{k}" for k in ("before", "after")})
+    return OmegaConf.create({"algo": {"name": name, "stages": stages, "summary": summary}})
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
@@ -45,6 +66,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
     from hydra.core.global_hydra import GlobalHydra
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     user = [o for o in overrides if not _key(o).startswith(("algo", "hydra", "run_dir", "+run_dir"))]
     summary: dict[str, Any] = {"algo": cfg.algo.name, "stages": {}}
     metrics_lines: list[str] = []
