@@ -166,7 +166,7 @@ MAX_BLOCK_V = 8192
 
 def _launch_cfg(V: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocabulary of size V."""
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    block = max(32, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
     warps = 4 if block <= 1024 else (8 if block <= 2048 else (16 if block <= 4096 else 32))
     return block, warps
 
@@ -191,8 +191,12 @@ if HAS_TRITON:
             e = tl.exp(z - m_new)
             s = s * scale + tl.sum(e, axis=0)
             if HAS_ENT:
-                t = t * scale + tl.sum(tl.where(msk, e * z, 0.0), axis=0)
+                t = t * scale + tl.sum(e * tl.where(msk, z, 0.0), axis=0)
             m = m_new
+        # a non-empty row has s >= 1 (its max contributes exp(0)); skipped rows (n_cols = 0)
+        # get finite placeholders instead of log(0) and 0/0
+        s = tl.maximum(s, 1.0)
+        m = tl.where(n_cols > 0, m, 0.0)
         lse = m + tl.log(s)
         return lse, t / s
 
@@ -228,23 +232,28 @@ if HAS_TRITON:
         dx_row = DX + row * stride_dx
         label = tl.load(LBL + row)
         valid = label != ignore_index
-        g = tl.where(valid, tl.load(GLP + row), 0.0)
-        lse = tl.load(LSE + row)
-        if HAS_ENT:
-            g_h = tl.where(valid, tl.load(GENT + row), 0.0)
-            h_minus_lse = tl.load(ENT + row) - lse
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            msk = offs < V
-            z = tl.load(x_row + offs, mask=msk, other=0.0).to(tl.float32) * inv_temp
-            p = tl.exp(z - lse)
+        if valid:
+            g = tl.load(GLP + row)
+            lse = tl.load(LSE + row)
             if HAS_ENT:
-                dz = -p * (g + g_h * (z + h_minus_lse))
-            else:
-                dz = -p * g
-            dz = tl.where(offs == label, dz + g, dz)
-            dz = tl.where(valid, dz * inv_temp, 0.0)
-            tl.store(dx_row + offs, dz.to(DX.dtype.element_ty), mask=msk)
+                g_h = tl.load(GENT + row)
+                h_minus_lse = tl.load(ENT + row) - lse
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                msk = offs < V
+                z = tl.load(x_row + offs, mask=msk, other=0.0).to(tl.float32) * inv_temp
+                p = tl.exp(z - lse)
+                if HAS_ENT:
+                    dz = -p * (g + g_h * (z + h_minus_lse))
+                else:
+                    dz = -p * g
+                dz = tl.where(offs == label, dz + g, dz) * inv_temp
+                tl.store(dx_row + offs, dz.to(DX.dtype.element_ty), mask=msk)
+        else:  # ignored token: zero gradient, the logits are not read
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+                tl.store(dx_row + offs, zeros.to(DX.dtype.element_ty), mask=offs < V)
 
 
 def _triton_lp_forward(x, labels, valid, opts, logp, lse, ent):

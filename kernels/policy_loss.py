@@ -140,6 +140,8 @@ _NSTAT = len(_STAT_NAMES)  # per-token stat columns; +1 column for the weighted 
 
 
 def _make_config(config: PolicyLossConfig | None, options: dict) -> PolicyLossConfig:
+    if config is not None and not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     cfg = config if config is not None else PolicyLossConfig()
     if options:
         names = {f.name for f in fields(PolicyLossConfig)}
@@ -165,6 +167,8 @@ def clipped_policy_loss_reference(
     num_tokens=None, num_seqs=None, **options,
 ):  # fmt: skip
     """The textbook objective with torch autograd (for tests). Returns (loss, stats dict)."""
+    if isinstance(mask, PolicyLossConfig):  # op(..., cfg) without a mask
+        mask, config = None, mask
     cfg = _make_config(config, options)
     lp = _as_rows(logprobs).float()
     old = _as_rows(old_logprobs).float()
@@ -654,6 +658,8 @@ def clipped_policy_loss(
     :param backend: ``None`` (process default) | ``"auto"`` | ``"triton"`` | ``"torch"``.
     :returns: :class:`PolicyLossOutput` (loss with grad + detached stats).
     """
+    if isinstance(mask, PolicyLossConfig):  # op(..., cfg) without a mask
+        mask, config = None, mask
     cfg = _make_config(config, options)
     shape = logprobs.shape
     name = resolve_backend(backend, logprobs.device)
@@ -704,6 +710,8 @@ def fused_policy_loss(
     Other parameters as :func:`token_logprobs` and :func:`clipped_policy_loss`.
     :returns: :class:`PolicyLossOutput` with ``logprobs`` (labels' shape, detached).
     """
+    if isinstance(mask, PolicyLossConfig):  # op(..., cfg) without a mask
+        mask, config = None, mask
     cfg = _make_config(config, options)
     V = logits.shape[-1]
     _check_labels(labels, logits.shape[:-1], "fused_policy_loss")
@@ -746,6 +754,8 @@ def linear_policy_loss(
     :param hidden: (..., H); :param lm_head_weight: (V, H); :param bias: (V,) or None.
     Other parameters as :func:`fused_policy_loss`.
     """
+    if isinstance(mask, PolicyLossConfig):  # op(..., cfg) without a mask
+        mask, config = None, mask
     cfg = _make_config(config, options)
     H = hidden.shape[-1]
     _check_labels(labels, hidden.shape[:-1], "linear_policy_loss")
