@@ -40,7 +40,9 @@ _default_backend = "auto"
 
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernels backend {name!r}; valid backends are: {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"unknown kernels backend {name!r}; valid backends are: {', '.join(BACKENDS)}"
+        )
     return name
 
 

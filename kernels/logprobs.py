@@ -57,7 +57,9 @@ class LogprobOptions:
 # ----------------------------------------------------------------------------------------------
 
 
-def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+def token_logprobs_reference(
+    logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False
+):
     """``log_softmax(logits / T).gather(labels)`` in fp32, 0 at ``ignore_index`` (and the entropy)."""
     z = logits.float() / temperature  # (..., V)
     logsm = torch.log_softmax(z, dim=-1)  # (..., V)
@@ -430,7 +432,9 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
 def _check_labels(labels: torch.Tensor, lead: torch.Size, what: str) -> None:
     if labels.shape != lead:
-        raise ValueError(f"{what}: labels shape {tuple(labels.shape)} must equal the leading dims {tuple(lead)}")
+        raise ValueError(
+            f"{what}: labels shape {tuple(labels.shape)} must equal the leading dims {tuple(lead)}"
+        )
     if labels.dtype.is_floating_point:
         raise TypeError(f"{what}: labels must be an integer tensor, got {labels.dtype}")
 
@@ -465,7 +469,9 @@ def token_logprobs(
     V = logits.shape[-1]
     _check_labels(labels, logits.shape[:-1], "token_logprobs")
     name = resolve_backend(backend, logits.device)
-    opts = LogprobOptions(float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward))
+    opts = LogprobOptions(
+        float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
+    )
     x = _prep_rows(logits.reshape(-1, V))  # (N, V)
     out = TokenLogprobsFunction.apply(x, labels.reshape(-1), opts, name)
     if return_entropy:
@@ -503,7 +509,9 @@ def linear_token_logprobs(
     opts = LogprobOptions(float(temperature), int(ignore_index), bool(return_entropy), False)
     h = hidden.reshape(-1, H)  # (N, H)
     rows = linear_chunk_rows(h.shape[0], lm_head_weight.shape[0], h.device, chunk_size)
-    out = LinearTokenLogprobsFunction.apply(h, lm_head_weight, bias, labels.reshape(-1), opts, name, rows)
+    out = LinearTokenLogprobsFunction.apply(
+        h, lm_head_weight, bias, labels.reshape(-1), opts, name, rows
+    )
     if return_entropy:
         return out[0].view(labels.shape), out[1].view(labels.shape)
     return out.view(labels.shape)

@@ -67,7 +67,12 @@ __all__ = [
     "clipped_policy_loss_reference",
 ]
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -600,11 +605,15 @@ def _flat_f32(t: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
     try:
         t = torch.broadcast_to(t, shape)
     except RuntimeError:
-        raise ValueError(f"{what} of shape {tuple(t.shape)} does not broadcast to {tuple(shape)}") from None
+        raise ValueError(
+            f"{what} of shape {tuple(t.shape)} does not broadcast to {tuple(shape)}"
+        ) from None
     return t.reshape(-1).float().contiguous()
 
 
-def _prepare(shape, mask, old_logprobs, advantages, ref_logprobs, cfg, num_tokens, num_seqs, device):
+def _prepare(
+    shape, mask, old_logprobs, advantages, ref_logprobs, cfg, num_tokens, num_seqs, device
+):
     """Flat fp32 constants + aggregation weights for token shape ``shape`` (..., T)."""
     rows = (1, shape[0]) if len(shape) == 1 else (-1, shape[-1])
     if mask is None:
@@ -615,13 +624,17 @@ def _prepare(shape, mask, old_logprobs, advantages, ref_logprobs, cfg, num_token
     m = m2.reshape(-1).contiguous()
     old = _flat_f32(old_logprobs.detach(), shape, "old_logprobs")
     adv = _flat_f32(advantages.detach(), shape, "advantages")
-    ref = _flat_f32(ref_logprobs.detach(), shape, "ref_logprobs") if ref_logprobs is not None else None
+    ref = (
+        _flat_f32(ref_logprobs.detach(), shape, "ref_logprobs")
+        if ref_logprobs is not None
+        else None
+    )
     return m, w, old, adv, ref
 
 
 def _output(loss, stats, m, has_ent, logp=None, shape=None) -> PolicyLossOutput:
     vals = (stats / m.sum().clamp_min(1)).detach()
-    named = dict(zip(_STAT_NAMES, vals.unbind(0)))
+    named = dict(zip(_STAT_NAMES, vals.unbind(0), strict=True))
     if not has_ent:
         named["entropy"] = None
     lp = logp.detach().view(shape) if logp is not None else None
@@ -716,13 +729,19 @@ def fused_policy_loss(
     V = logits.shape[-1]
     _check_labels(labels, logits.shape[:-1], "fused_policy_loss")
     name = resolve_backend(backend, logits.device)
-    need_ent = cfg.entropy_coef != 0.0 if return_entropy is None else bool(return_entropy or cfg.entropy_coef)
+    need_ent = (
+        cfg.entropy_coef != 0.0
+        if return_entropy is None
+        else bool(return_entropy or cfg.entropy_coef)
+    )
     lopts = LogprobOptions(float(temperature), int(ignore_index), need_ent, bool(inplace_backward))
     shape = labels.shape
     m, w, old, adv, ref = _prepare(shape, _token_mask(labels, mask, ignore_index), old_logprobs, advantages,
                                    ref_logprobs, cfg, num_tokens, num_seqs, logits.device)  # fmt: skip
     x = _prep_rows(logits.reshape(-1, V))
-    loss, stats, logp = FusedPolicyLossFunction.apply(x, labels.reshape(-1), old, adv, ref, m, w, lopts, cfg, name)
+    loss, stats, logp = FusedPolicyLossFunction.apply(
+        x, labels.reshape(-1), old, adv, ref, m, w, lopts, cfg, name
+    )
     return _output(loss, stats, m, need_ent, logp, shape)
 
 
@@ -762,7 +781,11 @@ def linear_policy_loss(
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
         raise ValueError(f"lm_head_weight must be (V, {H}), got {tuple(lm_head_weight.shape)}")
     name = resolve_backend(backend, hidden.device)
-    need_ent = cfg.entropy_coef != 0.0 if return_entropy is None else bool(return_entropy or cfg.entropy_coef)
+    need_ent = (
+        cfg.entropy_coef != 0.0
+        if return_entropy is None
+        else bool(return_entropy or cfg.entropy_coef)
+    )
     lopts = LogprobOptions(float(temperature), int(ignore_index), need_ent, False)
     shape = labels.shape
     m, w, old, adv, ref = _prepare(shape, _token_mask(labels, mask, ignore_index), old_logprobs, advantages,
@@ -778,7 +801,9 @@ def linear_policy_loss(
 def fused_policy_loss_reference(logits, labels, old_logprobs, advantages, mask=None, config=None, *,
                                 temperature=1.0, ignore_index=-100, **kwargs):  # fmt: skip
     """Unfused composition: reference log-probs (+ entropy) then the reference loss."""
-    cfg = _make_config(config, {k: v for k, v in kwargs.items() if k in {f.name for f in fields(PolicyLossConfig)}})
+    cfg = _make_config(
+        config, {k: v for k, v in kwargs.items() if k in {f.name for f in fields(PolicyLossConfig)}}
+    )
     rest = {k: v for k, v in kwargs.items() if k not in {f.name for f in fields(PolicyLossConfig)}}
     lp, ent = token_logprobs_reference(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                        return_entropy=True)  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rlfuse.kernels import logprobs as lp_mod
 from rlfuse.kernels import triton_interpreter_active
 
@@ -25,7 +24,9 @@ except Exception:  # pragma: no cover - depends on the environment
 
 ON_CUDA = torch.cuda.is_available()
 INTERPRETING = triton_interpreter_active()
-TRITON_IN_PROCESS = HAS_TRITON and ((ON_CUDA and not INTERPRETING) or (INTERPRETING and not ON_CUDA))
+TRITON_IN_PROCESS = HAS_TRITON and (
+    (ON_CUDA and not INTERPRETING) or (INTERPRETING and not ON_CUDA)
+)
 DEVICE = torch.device("cuda" if ON_CUDA and not INTERPRETING else "cpu")
 BACKENDS = ["torch"] + (["triton"] if TRITON_IN_PROCESS else [])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rlfuse.kernels import (
     get_default_backend,
     linear_token_logprobs,
@@ -49,7 +48,7 @@ def test_token_logprobs_matches_reference(backend, device, dtype, shape, V, temp
     grads_out = [torch.randn(shape, device=device) for _ in ours]
     g_ours = torch.autograd.grad(ours, x, grads_out)[0]
     g_ref = torch.autograd.grad(ref, x, grads_out)[0]
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         assert a.dtype == torch.float32 and a.shape == y.shape
         _close(a, b, what="output")
     assert g_ours.dtype == dtype
@@ -160,15 +159,15 @@ def test_linear_token_logprobs(backend, device, dtype, bias, chunk_size, entropy
     g_ours = torch.autograd.grad(ours, params, gouts)
     g_ref = torch.autograd.grad(ref, params, gouts)
     if dtype == torch.float32:
-        for a, r in zip(ours, ref):
+        for a, r in zip(ours, ref, strict=True):
             torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-5)
-        for a, r in zip(g_ours, g_ref):
+        for a, r in zip(g_ours, g_ref, strict=True):
             torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
     else:  # bf16 matmuls: chunked and full products may round differently
-        for a, r in zip(ours, ref):
+        for a, r in zip(ours, ref, strict=True):
             assert a.dtype == torch.float32
             assert _rel_err(a, r) < 2e-2
-        for a, r in zip(g_ours, g_ref):
+        for a, r in zip(g_ours, g_ref, strict=True):
             assert a.dtype == dtype
             assert _rel_err(a, r) < 3e-2
 
@@ -203,7 +202,9 @@ def test_default_backend_roundtrip():
         set_default_backend(old)
 
 
-@pytest.mark.skipif(ON_CUDA or INTERPRETING, reason="only meaningful on CPU without the interpreter")
+@pytest.mark.skipif(
+    ON_CUDA or INTERPRETING, reason="only meaningful on CPU without the interpreter"
+)
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="triton")
@@ -215,7 +216,9 @@ def test_bad_shapes():
     with pytest.raises(TypeError, match="integer"):
         token_logprobs(torch.randn(2, 5), torch.zeros(2))
     with pytest.raises(ValueError, match="lm_head_weight"):
-        linear_token_logprobs(torch.randn(2, 4), torch.randn(5, 3), torch.zeros(2, dtype=torch.long))
+        linear_token_logprobs(
+            torch.randn(2, 4), torch.randn(5, 3), torch.zeros(2, dtype=torch.long)
+        )
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rlfuse.kernels import (
     PolicyLossConfig,
     PolicyLossOutput,
@@ -38,7 +37,9 @@ def _batch(B, T, device, masked_row=True):
 def _check(out: PolicyLossOutput, ref_loss, ref_stats, atol=1e-6):
     torch.testing.assert_close(out.loss, ref_loss, atol=atol, rtol=1e-5)
     for name in STATS:
-        torch.testing.assert_close(getattr(out, name), ref_stats[name], atol=atol, rtol=1e-5, msg=name)
+        torch.testing.assert_close(
+            getattr(out, name), ref_stats[name], atol=atol, rtol=1e-5, msg=name
+        )
     if "entropy" in ref_stats:
         torch.testing.assert_close(out.entropy, ref_stats["entropy"], atol=atol, rtol=1e-5)
     assert not out.clipfrac.requires_grad
@@ -51,12 +52,16 @@ def test_clipped_loss_matches_reference(backend, device, aggregation, kl_estimat
     cfg = PolicyLossConfig(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1,
                            kl_estimator=kl_estimator, kl_clamp=1.0, entropy_coef=0.01,
                            aggregation=aggregation, norm_length=10)  # fmt: skip
-    out = clipped_policy_loss(lp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent, backend=backend)
-    ref_loss, ref_stats = clipped_policy_loss_reference(lp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent)
+    out = clipped_policy_loss(
+        lp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent, backend=backend
+    )
+    ref_loss, ref_stats = clipped_policy_loss_reference(
+        lp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent
+    )
     _check(out, ref_loss, ref_stats)
     g = torch.autograd.grad(out.loss, (lp, ent))
     g_ref = torch.autograd.grad(ref_loss, (lp, ent))
-    for a, b in zip(g, g_ref):
+    for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert (g[0][~mask] == 0).all()
 
@@ -68,7 +73,9 @@ def test_clipping_branches_and_stats(backend, device, dual_clip):
     adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, -1.0]], device=device)
     old = torch.full_like(logr, -1.0)
     lp = (old + logr).requires_grad_()
-    out = clipped_policy_loss(lp, old, adv, clip_low=0.2, clip_high=0.2, dual_clip=dual_clip, backend=backend)
+    out = clipped_policy_loss(
+        lp, old, adv, clip_low=0.2, clip_high=0.2, dual_clip=dual_clip, backend=backend
+    )
     ref_loss, ref_stats = clipped_policy_loss_reference(lp, old, adv, clip_low=0.2, clip_high=0.2,
                                                         dual_clip=dual_clip)  # fmt: skip
     _check(out, ref_loss, ref_stats)
@@ -101,7 +108,9 @@ def test_micro_batch_invariance(backend, device, aggregation):
     """Summing the op over micro-batches with global normalisers == the op on the whole batch."""
     lp, old, adv, ref, mask, ent = _batch(6, 5, device)
     cfg = PolicyLossConfig(aggregation=aggregation, kl_coef=0.2, entropy_coef=0.05)
-    full = clipped_policy_loss(lp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent, backend=backend)
+    full = clipped_policy_loss(
+        lp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent, backend=backend
+    )
     g_full = torch.autograd.grad(full.loss, (lp, ent))
     num_tokens, num_seqs = mask.sum().float(), float(mask.shape[0])
     total = 0.0
@@ -112,7 +121,7 @@ def test_micro_batch_invariance(backend, device, aggregation):
         total = total + part.loss
     g_parts = torch.autograd.grad(total, (lp, ent))
     torch.testing.assert_close(total, full.loss, atol=1e-6, rtol=1e-5)
-    for a, b in zip(g_parts, g_full):
+    for a, b in zip(g_parts, g_full, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -152,7 +161,9 @@ def test_bf16_logprobs_in_fp32_out(backend, device):
     lp, old, adv, ref, mask, _ = _batch(3, 5, device)
     lp16 = lp.detach().bfloat16().requires_grad_()
     out = clipped_policy_loss(lp16, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, backend=backend)
-    ref_loss, _ = clipped_policy_loss_reference(lp16.float(), old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+    ref_loss, _ = clipped_policy_loss_reference(
+        lp16.float(), old, adv, mask, ref_logprobs=ref, kl_coef=0.1
+    )
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-5)
     g = torch.autograd.grad(out.loss, lp16)[0]
@@ -212,10 +223,14 @@ def test_fused_matches_unfused(backend, device, dtype, aggregation, entropy_coef
     # and against our own unfused ops
     lp = token_logprobs(x, y, temperature=0.9, backend=backend)
     m = mask & (y != -100)
-    unfused = clipped_policy_loss(lp, old, adv, m, cfg, ref_logprobs=ref, num_seqs=4.0, backend=backend)
+    unfused = clipped_policy_loss(
+        lp, old, adv, m, cfg, ref_logprobs=ref, num_seqs=4.0, backend=backend
+    )
     two = torch.autograd.grad(unfused.loss, x)[0]
     if entropy_coef == 0.0:
-        torch.testing.assert_close(g, two, atol=1e-6, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5)
+        torch.testing.assert_close(
+            g, two, atol=1e-6, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5
+        )
     torch.testing.assert_close(out.logprobs, lp.detach(), atol=1e-6, rtol=1e-6)
 
 
@@ -231,7 +246,9 @@ def test_fused_inplace_backward(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("chunk_size,bias", [(None, False), (4, True)], ids=["whole-nobias", "chunk4-bias"])
+@pytest.mark.parametrize(
+    "chunk_size,bias", [(None, False), (4, True)], ids=["whole-nobias", "chunk4-bias"]
+)
 def test_linear_policy_loss_matches_unfused(backend, device, dtype, chunk_size, bias):
     B, T, H, V = 3, 5, 32, 1003
     h = torch.randn(B, T, H, device=device).to(dtype).requires_grad_()
@@ -240,7 +257,9 @@ def test_linear_policy_loss_matches_unfused(backend, device, dtype, chunk_size, 
     y, old, adv, ref, mask = _fused_inputs(B, T, V, device)
     cfg = PolicyLossConfig(kl_coef=0.05, entropy_coef=0.01, aggregation="seq-mean-token-sum")
     kw = dict(ref_logprobs=ref, temperature=1.3, num_seqs=3.0)
-    out = linear_policy_loss(h, w, y, old, adv, mask, cfg, bias=b, chunk_size=chunk_size, backend=backend, **kw)
+    out = linear_policy_loss(
+        h, w, y, old, adv, mask, cfg, bias=b, chunk_size=chunk_size, backend=backend, **kw
+    )
     logits = torch.nn.functional.linear(h, w, b)
     ref_loss, ref_stats = fused_policy_loss_reference(logits, y, old, adv, mask, cfg, **kw)
     params = [t for t in (h, w, b) if t is not None]
@@ -248,11 +267,11 @@ def test_linear_policy_loss_matches_unfused(backend, device, dtype, chunk_size, 
     g_ref = torch.autograd.grad(ref_loss, params)
     if dtype == torch.float32:
         _check(out, ref_loss, ref_stats, atol=1e-5)
-        for a, r in zip(g, g_ref):
+        for a, r in zip(g, g_ref, strict=True):
             torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
     else:
         torch.testing.assert_close(out.loss, ref_loss, atol=2e-2, rtol=2e-2)
-        for a, r in zip(g, g_ref):
+        for a, r in zip(g, g_ref, strict=True):
             assert a.dtype == dtype
             err = ((a.float() - r.float()).norm() / r.float().norm()).item()
             assert err < 3e-2

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rlfuse.kernels import triton_interpreter_active
 
 try:
@@ -38,7 +37,9 @@ def test_triton_kernels_under_interpreter():
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
         str(HERE / "test_logprobs.py"), str(HERE / "test_policy_loss.py"),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=900
+    )
     tail = (proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]).strip()
     assert proc.returncode == 0, f"triton interpreter tests failed:\n{tail}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
