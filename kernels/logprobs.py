@@ -164,10 +164,15 @@ def _torch_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
 
 #: largest vocabulary tile of one loop iteration (tests lower it to exercise the loop).
 MAX_BLOCK_V = 8192
+#: {"fwd" | "bwd": (BLOCK_V, num_warps)} forced launch configs (benchmark sweeps; None = heuristic).
+LAUNCH_OVERRIDE: dict[str, tuple[int, int]] = {}
 
 
-def _launch_cfg(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of size V."""
+def _launch_cfg(V: int, kind: str = "fwd") -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of size V; one program streams one row."""
+    if kind in LAUNCH_OVERRIDE:
+        block, warps = LAUNCH_OVERRIDE[kind]
+        return min(block, max(32, triton.next_power_of_2(V))), warps
     block = max(32, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
     warps = 4 if block <= 1024 else (8 if block <= 2048 else (16 if block <= 4096 else 32))
     return block, warps
@@ -274,7 +279,7 @@ def _triton_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
     N, V = x.shape
     if N == 0:
         return out
-    block, warps = _launch_cfg(V)
+    block, warps = _launch_cfg(V, "bwd")
     has_ent = g_ent is not None
     _lp_bwd_kernel[(N,)](
         x, x.stride(0), out, out.stride(0), labels, lse, ent if has_ent else lse,
