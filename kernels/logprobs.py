@@ -184,28 +184,41 @@ if HAS_TRITON:
     def _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr):
         """Online logsumexp of one row over ``n_cols`` (= V, or 0 to skip) columns.
 
-        :returns: (lse, sum_j p_j z_j) with z = x * inv_temp; the second is 0 without HAS_ENT.
+        Every lane of the tile keeps its own running max ``m``, sum ``s = sum 2^(z - m)`` (and
+        ``t = sum 2^(z - m) z`` for the entropy) in base 2, so the loop has no cross-thread
+        reduction and needs ONE exponential per element: of ``2^(z - m_old)`` and
+        ``2^(m_old - z)`` the larger is 1, the other is ``2^-|z - m_old|``. The lanes are
+        combined once at the end.
+
+        :returns: (lse, sum_j p_j z_j) with z = x * inv_temp (natural log units); the second is 0
+            without HAS_ENT. Skipped rows return finite placeholders.
         """
-        m = float("-inf")  # running max
-        s = 0.0  # running sum of exp(z - m)
-        t = 0.0  # running sum of exp(z - m) * z
+        c2 = inv_temp * 1.4426950408889634  # log2(e) / T
+        m = tl.full([BLOCK_V], -1e30, dtype=tl.float32)  # finite: -inf - -inf would be NaN
+        s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        t = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             msk = offs < V
-            z = tl.load(x_row + offs, mask=msk, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            scale = tl.exp(m - m_new)
-            e = tl.exp(z - m_new)
-            s = s * scale + tl.sum(e, axis=0)
+            z = tl.load(x_row + offs, mask=msk, other=float("-inf")).to(tl.float32) * c2
+            d = z - m
+            up = d > 0.0  # this element is the lane's new max
+            e = tl.exp2(-tl.abs(d))
+            s = tl.where(up, s * e + 1.0, s + e)
             if HAS_ENT:
-                t = t * scale + tl.sum(e * tl.where(msk, z, 0.0), axis=0)
-            m = m_new
-        # a non-empty row has s >= 1 (its max contributes exp(0)); skipped rows (n_cols = 0)
-        # get finite placeholders instead of log(0) and 0/0
-        s = tl.maximum(s, 1.0)
-        m = tl.where(n_cols > 0, m, 0.0)
-        lse = m + tl.log(s)
-        return lse, t / s
+                zs = tl.where(msk, z, 0.0)
+                t = tl.where(up, t * e + zs, t + e * zs)
+            m = tl.maximum(m, z)
+        mx = tl.max(m, axis=0)
+        scale = tl.exp2(m - mx)
+        # a non-empty row has s >= 1 (the lane holding the max contributes 2^0); skipped rows
+        # (n_cols = 0) get s = 1 instead of log(0)
+        s_tot = tl.maximum(tl.sum(s * scale, axis=0), 1.0)
+        lse = (mx + tl.log2(s_tot)) * 0.6931471805599453
+        pz = 0.0
+        if HAS_ENT:
+            pz = tl.sum(t * scale, axis=0) / s_tot * 0.6931471805599453
+        return lse, pz
 
     @triton.jit
     def _lp_fwd_kernel(
@@ -245,13 +258,15 @@ if HAS_TRITON:
             if HAS_ENT:
                 g_h = tl.load(GENT + row)
                 h_minus_lse = tl.load(ENT + row) - lse
+            c2 = inv_temp * 1.4426950408889634  # p = 2^(x log2(e) / T - lse log2(e)): one FMA
+            lse2 = lse * 1.4426950408889634
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 msk = offs < V
-                z = tl.load(x_row + offs, mask=msk, other=0.0).to(tl.float32) * inv_temp
-                p = tl.exp(z - lse)
+                x = tl.load(x_row + offs, mask=msk, other=0.0).to(tl.float32)
+                p = tl.exp2(x * c2 - lse2)
                 if HAS_ENT:
-                    dz = -p * (g + g_h * (z + h_minus_lse))
+                    dz = -p * (g + g_h * (x * inv_temp + h_minus_lse))
                 else:
                     dz = -p * g
                 dz = tl.where(offs == label, dz + g, dz) * inv_temp

@@ -43,10 +43,11 @@ from ._dispatch import HAS_TRITON, resolve_backend
 from .logprobs import (
     LogprobOptions,
     _check_labels,
+    _chunk_logits,
     _prep_rows,
+    _torch_lp_backward,
+    _triton_lp_backward,
     linear_chunk_rows,
-    linear_lp_backward,
-    linear_lp_forward,
     lp_backward,
     lp_forward,
     token_logprobs_reference,
@@ -527,16 +528,20 @@ class ClippedPolicyLossFunction(torch.autograd.Function):
         return d_lp, d_ent, None, None, None, None, None, None, None
 
 
+def fused_rows_forward(backend, x, labels, old, adv, ref, m, w, lopts, cfg):
+    """(N, V) logits -> logp, lse, ent, loss, dlp, dent, stat sums (one pass with Triton)."""
+    if backend == "triton":
+        return _triton_fused_forward(x, labels, old, adv, ref, m, w, lopts, cfg)
+    logp, lse, ent = lp_forward(backend, x, labels, lopts)
+    return (logp, lse, ent) + _torch_terms(logp, old, adv, ref, ent, m, w, cfg)
+
+
 class FusedPolicyLossFunction(torch.autograd.Function):
     """(N, V) logits -> (loss, stat sums, logp): log-prob + loss terms in one pass."""
 
     @staticmethod
     def forward(ctx, x, labels, old, adv, ref, m, w, lopts, cfg, backend):
-        if backend == "triton":
-            out = _triton_fused_forward(x, labels, old, adv, ref, m, w, lopts, cfg)
-        else:
-            logp, lse, ent = lp_forward(backend, x, labels, lopts)
-            out = (logp, lse, ent) + _torch_terms(logp, old, adv, ref, ent, m, w, cfg)
+        out = fused_rows_forward(backend, x, labels, old, adv, ref, m, w, lopts, cfg)
         logp, lse, ent, loss, dlp, dent, stats = out
         ctx.save_for_backward(x, labels, lse, ent, dlp, dent)
         ctx.lopts, ctx.backend = lopts, backend
@@ -574,26 +579,77 @@ def _triton_fused_forward(x, labels, old, adv, ref, m, w, lopts, cfg):
     return logp, lse, ent, loss, dlp, dent, stats
 
 
+def _linear_loss_with_grads(
+    backend, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, rows, needs
+):
+    """Forward of the chunked linear loss that also computes d(hidden), d(W), d(b) for g = 1.
+
+    The loss is a scalar, so d loss / d logp is known per chunk in the forward: each chunk's
+    logits are turned into d(logits) in place right away and folded into the gradients (three
+    matmuls per chunk, like the naive code; no recompute). ``needs`` = which grads to build.
+    """
+    N = h.shape[0]
+    f32 = dict(dtype=torch.float32, device=h.device)
+    need_h, need_w, need_b = needs
+    dh = torch.empty_like(h) if need_h else None
+    dw = torch.zeros_like(wt) if need_w else None
+    db = torch.zeros_like(b) if (need_b and b is not None) else None
+    logp = torch.empty(N, **f32)
+    loss = torch.zeros((), **f32)
+    stats = torch.zeros(_NSTAT, **f32)
+    valid = labels != lopts.ignore_index
+    grads = any(t is not None for t in (dh, dw, db))
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        sl = slice(s, e)
+        logits = _chunk_logits(h[sl], wt, b)  # (n, V)
+        lp_c, lse_c, ent_c, l_c, dlp_c, dent_c, st_c = fused_rows_forward(
+            backend, logits, labels[sl], old[sl], adv[sl], ref[sl] if ref is not None else None,
+            m[sl], w[sl], lopts, cfg,
+        )  # fmt: skip
+        logp[sl] = lp_c
+        loss += l_c
+        stats += st_c
+        if not grads:
+            continue
+        lp_bwd = _triton_lp_backward if backend == "triton" else _torch_lp_backward
+        lp_bwd(logits, labels[sl], valid[sl], lse_c, ent_c, dlp_c, dent_c, lopts, logits)
+        if dh is not None:
+            torch.mm(logits, wt, out=dh[sl])  # (n, H)
+        if dw is not None:
+            dw.addmm_(logits.t(), h[sl])  # (V, H)
+        if db is not None:
+            db.add_(logits.sum(0))
+    return logp, loss, stats, dh, dw, db
+
+
 class LinearPolicyLossFunction(torch.autograd.Function):
-    """(N, H) hidden, (V, H) weight -> (loss, stat sums, logp), logits chunked over tokens."""
+    """(N, H) hidden, (V, H) weight -> (loss, stat sums, logp), logits chunked over tokens.
+
+    Gradients are computed during the forward (see ``_linear_loss_with_grads``) and scaled by
+    the upstream gradient in the backward, in place: the backward can run once.
+    """
 
     @staticmethod
-    def forward(ctx, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, backend, rows):
-        logp, lse, ent = linear_lp_forward(backend, h, wt, b, labels, lopts, rows)
-        loss, dlp, dent, stats = _terms(backend, logp, old, adv, ref, ent, m, w, cfg)
-        ctx.save_for_backward(h, wt, b, labels, lse, ent, dlp, dent)
-        ctx.lopts, ctx.backend, ctx.rows = lopts, backend, rows
+    def forward(ctx, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, backend, rows, grad_on):
+        needs = tuple(bool(grad_on and n) for n in ctx.needs_input_grad[:3])
+        logp, loss, stats, dh, dw, db = _linear_loss_with_grads(
+            backend, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, rows, needs
+        )
+        ctx.save_for_backward(dh, dw, db)
+        ctx.done = False
         ctx.mark_non_differentiable(stats, logp)
         return loss, stats, logp
 
     @staticmethod
     def backward(ctx, g, _g_stats, _g_logp):
-        h, wt, b, labels, lse, ent, dlp, dent = ctx.saved_tensors
-        dh, dw, db = linear_lp_backward(
-            ctx.backend, h, wt, b, labels, lse, ent, dlp * g, dent * g if dent is not None else None,
-            ctx.lopts, ctx.rows, ctx.needs_input_grad[:3],
-        )  # fmt: skip
-        return (dh, dw, db) + (None,) * 10
+        if ctx.done:
+            raise RuntimeError(
+                "linear_policy_loss: backward through the same call twice is not supported"
+            )
+        ctx.done = True
+        grads = [t.mul_(g.to(t.dtype)) if t is not None else None for t in ctx.saved_tensors]
+        return tuple(grads) + (None,) * 11
 
 
 # ----------------------------------------------------------------------------------------------
@@ -793,7 +849,20 @@ def linear_policy_loss(
     h = hidden.reshape(-1, H)
     rows = linear_chunk_rows(h.shape[0], lm_head_weight.shape[0], h.device, chunk_size)
     loss, stats, logp = LinearPolicyLossFunction.apply(
-        h, lm_head_weight, bias, labels.reshape(-1), old, adv, ref, m, w, lopts, cfg, name, rows
+        h,
+        lm_head_weight,
+        bias,
+        labels.reshape(-1),
+        old,
+        adv,
+        ref,
+        m,
+        w,
+        lopts,
+        cfg,
+        name,
+        rows,
+        torch.is_grad_enabled(),
     )
     return _output(loss, stats, m, need_ent, logp, shape)
 

@@ -238,7 +238,7 @@ def bandwidth(dev, N: int, V: int, peak_gbs: float | None) -> None:
     nbytes = x.numel() * x.element_size()
     best = {}
     for kind, cfgs in (
-        ("fwd", [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (16384, 32)]),
+        ("fwd", [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32)]),
         ("bwd", [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32)]),
     ):
         for cfg in cfgs:

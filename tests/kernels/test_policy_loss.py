@@ -284,3 +284,21 @@ def test_fused_all_ignored(backend, device):
     out = fused_policy_loss(x, y, z, z + 1, entropy_coef=0.1, backend=backend)
     assert out.loss.item() == 0.0
     assert (torch.autograd.grad(out.loss, x)[0] == 0).all()
+
+
+def test_linear_policy_loss_no_grad_and_single_backward(backend, device):
+    h = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    w = torch.randn(301, 16, device=device, requires_grad=True)
+    y, old, adv, ref, mask = _fused_inputs(2, 5, 301, device)
+    with torch.no_grad():
+        a = linear_policy_loss(h, w, y, old, adv, mask, backend=backend)
+    b = linear_policy_loss(h, w, y, old, adv, mask, backend=backend)
+    torch.testing.assert_close(a.loss, b.loss.detach())
+    torch.testing.assert_close(a.logprobs, b.logprobs)
+    (2 * b.loss).backward(retain_graph=True)  # upstream gradient != 1 is applied
+    ref_loss, _ = fused_policy_loss_reference(h @ w.t(), y, old, adv, mask)
+    g_ref = torch.autograd.grad(2 * ref_loss, (h, w))
+    torch.testing.assert_close(h.grad, g_ref[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad, g_ref[1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="twice"):
+        b.loss.backward()
