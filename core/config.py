@@ -118,5 +118,18 @@ SINGLE_GROUPS = ("rollout", "advantage", "sync")  # one section with a `plugin` 
 MULTI_GROUPS = ("reward", "loss", "logger", "eval", "plugins")  # {name: section}
 
 
+def check(cfg: Any) -> None:
+    """Reject top-level keys the schema does not know (``+trainr.x=1`` is a typo, not a new
+    setting); Hydra's struct mode already rejects unknown nested keys."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(RlfuseConfig)} | {"hydra"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown config key(s) at the top level: {', '.join(unknown)}. Known: {', '.join(sorted(known - {'hydra'}))}"
+        )
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="rlfuse_schema", node=RlfuseConfig)

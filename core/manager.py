@@ -48,22 +48,22 @@ def resolve(name: str) -> Any:
         except Exception as e:  # noqa: BLE001 - re-raised with the plugin's name
             raise PluginError(f"Error importing plugin '{name}' ({eps[name].value}): {e}") from e
     module_name, _, attr = name.partition(":")
-    if "." in module_name or attr:
+    if not module_name.replace(".", "").replace("_", "").isalnum():
+        raise PluginError(_unknown(name))
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):  # the named module itself is missing
+            raise PluginError(_unknown(name)) from e
+        raise PluginError(f"Error importing plugin '{name}': {e}") from e
+    except Exception as e:  # noqa: BLE001 - re-raised with the plugin's name
+        raise PluginError(f"Error importing plugin '{name}': {e}") from e
+    for part in filter(None, attr.split(".")):
         try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and module_name.startswith(e.name):
-                raise PluginError(_unknown(name)) from e
-            raise PluginError(f"Error importing plugin '{name}': {e}") from e
-        except Exception as e:  # noqa: BLE001
-            raise PluginError(f"Error importing plugin '{name}': {e}") from e
-        for part in filter(None, attr.split(".")):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError as e:
-                raise PluginError(f"Plugin '{name}': module '{module_name}' has no '{part}'") from e
-        return obj
-    raise PluginError(_unknown(name))
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise PluginError(f"Plugin '{name}': module '{module_name}' has no '{part}'") from e
+    return obj
 
 
 def _unknown(name: str) -> str:

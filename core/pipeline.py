@@ -31,6 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlfuse.config import check
 from rlfuse.trainer import train, write_json_atomic
 
 STAGE_KEYS = {"algo", "overrides", "init_from"}
@@ -38,6 +39,7 @@ STAGE_KEYS = {"algo", "overrides", "init_from"}
 
 def run(cfg: DictConfig, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run ``cfg``: a single job, or every stage of a pipeline preset."""
+    check(cfg)
     run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
     if cfg.algo.get("stages"):
         return run_pipeline(cfg, overrides or [], run_dir)

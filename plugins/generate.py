@@ -14,7 +14,7 @@ import torch
 from rlfuse import hookimpl
 from rlfuse.data import Batch
 from rlfuse.plugins.generation import SamplingConfig, sample
-from rlfuse.plugins.records import encode_prompt, prompt_text, read_jsonl
+from rlfuse.plugins.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins.stream import RecordStream
 
 
@@ -48,10 +48,9 @@ class Plugin:
         if not data.prompts:
             raise ValueError("rollout=generate needs data.prompts (a JSONL file of prompts)")
         recs = read_jsonl(data.prompts, required=(("prompt",), ("messages",)))
-        self.items = [
-            (encode_prompt(ctx.tokenizer, prompt_text(r, ctx.tokenizer), data.max_prompt_length, data.truncation, r.where), r.row)
-            for r in recs
-        ]
+        texts = [prompt_text(r, ctx.tokenizer) for r in recs]
+        ids = encode_prompts(ctx.tokenizer, texts, data.max_prompt_length, data.truncation, [r.where for r in recs])
+        self.items = [(i, r.row) for i, r in zip(ids, recs)]
         self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
 
     @hookimpl

@@ -125,28 +125,42 @@ def _chat(tokenizer: Any, msgs: list[dict[str, str]], where: str, generation_pro
 
 def encode_prompt(tokenizer: Any, text: str, max_len: int, truncation: str, where: str) -> list[int]:
     """Token ids of a prompt, BOS first when the tokenizer has one; too long -> as configured."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    if len(ids) > max_len:
-        if truncation == "error":
-            raise DataError(
-                f"{where}: prompt is {len(ids)} tokens, longer than data.max_prompt_length={max_len} "
-                "(set data.truncation=left to keep its last tokens)"
-            )
-        if truncation != "left":
-            raise DataError(f"data.truncation must be 'left' or 'error', got '{truncation}'")
-        keep = ids[-(max_len - 1) :] if tokenizer.bos_token_id is not None else ids[-max_len:]
-        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + keep
-    return ids
+    return encode_prompts(tokenizer, [text], max_len, truncation, [where])[0]
+
+
+def encode_prompts(
+    tokenizer: Any, texts: list[str], max_len: int, truncation: str, wheres: list[str]
+) -> list[list[int]]:
+    """:func:`encode_prompt` for many prompts at once (one batched tokenizer call)."""
+    if truncation not in ("left", "error"):
+        raise DataError(f"data.truncation must be 'left' or 'error', got '{truncation}'")
+    bos = tokenizer.bos_token_id
+    out = []
+    for ids, where in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], wheres):
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        if len(ids) > max_len:
+            if truncation == "error":
+                raise DataError(
+                    f"{where}: prompt is {len(ids)} tokens, longer than data.max_prompt_length={max_len} "
+                    "(set data.truncation=left to keep its last tokens)"
+                )
+            keep = ids[-(max_len - 1) :] if bos is not None else ids[-max_len:]
+            ids = ([bos] if bos is not None else []) + keep
+        out.append(ids)
+    return out
+
+
+def encode_answers(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of answers, each ending with EOS (one batched tokenizer call)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [x + [eos] if eos is not None else x for x in ids]
 
 
 def encode_answer(tokenizer: Any, text: str) -> list[int]:
     """Token ids of an answer, ending with EOS."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    return ids
+    return encode_answers(tokenizer, [text])[0]
 
 
 def pack(

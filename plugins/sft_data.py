@@ -12,7 +12,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
-from rlfuse.plugins.records import completion_text, encode_answer, encode_prompt, pack, prompt_text, read_jsonl
+from rlfuse.plugins.records import completion_text, encode_answers, encode_prompts, pack, prompt_text, read_jsonl
 from rlfuse.plugins.stream import RecordStream
 
 
@@ -35,17 +35,11 @@ class Plugin:
         data, tok = ctx.cfg.data, ctx.tokenizer
         if not data.sft:
             raise ValueError("rollout=sft_data needs data.sft (a JSONL file of demonstrations)")
-        items = []
-        for r in read_jsonl(data.sft, required=(("prompt", "completion"), ("messages",))):
-            p = prompt_text(r, tok)
-            items.append(
-                (
-                    encode_prompt(tok, p, data.max_prompt_length, data.truncation, r.where),
-                    encode_answer(tok, completion_text(r, tok)),
-                    p,
-                    r.row,
-                )
-            )
+        recs = read_jsonl(data.sft, required=(("prompt", "completion"), ("messages",)))
+        prompts = [prompt_text(r, tok) for r in recs]
+        p_ids = encode_prompts(tok, prompts, data.max_prompt_length, data.truncation, [r.where for r in recs])
+        a_ids = encode_answers(tok, [completion_text(r, tok) for r in recs])
+        items = list(zip(p_ids, a_ids, prompts, [r.row for r in recs]))
         self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
 
     @hookimpl

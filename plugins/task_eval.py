@@ -17,7 +17,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.plugins.generation import SamplingConfig, sample
-from rlfuse.plugins.records import encode_prompt, prompt_text, read_jsonl
+from rlfuse.plugins.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins.rule_reward import load_function
 
 
@@ -45,10 +45,9 @@ class Plugin:
         if not data.eval_prompts or not data.reward_fn:
             raise ValueError("eval=task needs data.eval_prompts and data.reward_fn")
         recs = read_jsonl(data.eval_prompts, required=(("prompt",), ("messages",)))[: self.cfg.num_prompts]
-        self.items = [
-            (encode_prompt(ctx.tokenizer, prompt_text(r, ctx.tokenizer), data.max_prompt_length, data.truncation, r.where), r.row)
-            for r in recs
-        ]
+        texts = [prompt_text(r, ctx.tokenizer) for r in recs]
+        ids = encode_prompts(ctx.tokenizer, texts, data.max_prompt_length, data.truncation, [r.where for r in recs])
+        self.items = [(i, r.row) for i, r in zip(ids, recs)]
         self.fn = load_function(data.reward_fn, "data.reward_fn")
         self.sampling = SamplingConfig(
             max_new_tokens=self.cfg.max_new_tokens, greedy=self.cfg.greedy, temperature=self.cfg.temperature

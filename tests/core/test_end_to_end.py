@@ -1,0 +1,83 @@
+"""End to end: the `rlfuse` command writes its outputs, checkpoints load in transformers,
+runs resume, and the default job really raises the true task reward."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from support import FAST, run_job
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_cli_shortened_default_job(tmp_path):
+    """`rlfuse` (the default preset, shortened) from another directory writes every output."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rlfuse", "trainer.max_steps=2", "trainer.progress=false",
+           "rollout.batch_size=8", "eval.task.num_prompts=8", f"hydra.run.dir={run}"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval/reward_after" in out.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert "eval/reward_before" in summary and "eval/reward_after" in summary
+    assert (run / "config.yaml").exists()
+    rows = _rows(run / "metrics.jsonl")
+    assert rows, "metrics.jsonl is empty"
+    # the final policy is a save_pretrained folder transformers loads and generates with
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok("<bos>cab=", return_tensors="pt", add_special_tokens=False).input_ids
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > ids.shape[1]
+
+
+def test_metrics_have_the_fixed_namespaces(tmp_path):
+    run_job(FAST, tmp_path / "run")
+    rows = [r for r in _rows(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    needed = {"reward/mean", "reward/std", "kl/ref_kl", "loss/policy", "loss/value", "policy/clipfrac",
+              "policy/approx_kl", "policy/entropy", "response/length_mean", "optim/lr", "perf/tokens_per_s"}
+    assert needed <= set(rows[0]), needed - set(rows[0])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"eval/reward_before", "eval/reward_after", "steps"} <= set(summary)
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    common = FAST + ["trainer.save_every=1"]
+    run_job(common + ["trainer.max_steps=2"], run)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts[-1] == "step_0000002" and not any(c.endswith(".tmp") for c in ckpts)
+    state = torch.load(run / "checkpoints" / "step_0000002" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and "rollout.generate" in state["plugins"]
+    run_job(common + ["trainer.max_steps=3", "trainer.resume=true"], run)
+    steps = [r["step"] for r in _rows(run / "metrics.jsonl") if "loss/total" in r]
+    assert steps == [1, 2, 3]  # appended, step 3 only, nothing lost
+
+
+def test_same_seed_same_numbers(tmp_path):
+    torch.set_num_threads(2)
+    a = run_job(FAST + ["trainer.max_steps=1"], tmp_path / "a")
+    b = run_job(FAST + ["trainer.max_steps=1"], tmp_path / "b")
+    assert a["last"]["loss/total"] == pytest.approx(b["last"]["loss/total"], abs=1e-6)
+    assert a["last"]["reward/mean"] == b["last"]["reward/mean"]
+
+
+@pytest.mark.slow
+def test_default_job_improves_true_reward(tmp_path):
+    """The real default job (no shortening): the true task reward after RL beats before."""
+    summary = run_job(["trainer.progress=false"], tmp_path / "run")
+    before, after = summary["eval/reward_before"], summary["eval/reward_after"]
+    assert after > before + 0.05, (before, after)
