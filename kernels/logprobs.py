@@ -164,24 +164,27 @@ def _torch_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
 
 #: largest vocabulary tile of one loop iteration (tests lower it to exercise the loop).
 MAX_BLOCK_V = 8192
-#: {"fwd" | "bwd": (BLOCK_V, num_warps)} forced launch configs (benchmark sweeps; None = heuristic).
-LAUNCH_OVERRIDE: dict[str, tuple[int, int]] = {}
+#: {"fwd" | "bwd": (BLOCK_V, num_warps, loop stages)} forced launch configs (benchmark sweeps).
+LAUNCH_OVERRIDE: dict[str, tuple[int, int, int]] = {}
 
 
-def _launch_cfg(V: int, kind: str = "fwd") -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of size V; one program streams one row."""
+def _launch_cfg(V: int, kind: str = "fwd") -> tuple[int, int, int]:
+    """(BLOCK_V, num_warps, stages) for a vocabulary of size V; one program streams one row."""
     if kind in LAUNCH_OVERRIDE:
-        block, warps = LAUNCH_OVERRIDE[kind]
-        return min(block, max(32, triton.next_power_of_2(V))), warps
+        block, warps, stages = LAUNCH_OVERRIDE[kind]
+        return min(block, max(32, triton.next_power_of_2(V))), warps, stages
     block = max(32, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
     warps = 4 if block <= 1024 else (8 if block <= 2048 else (16 if block <= 4096 else 32))
-    return block, warps
+    return block, warps, 1
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr):
+    def _row_lse(
+        x_row, V, n_cols, inv_temp,
+        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
         """Online logsumexp of one row over ``n_cols`` (= V, or 0 to skip) columns.
 
         Every lane of the tile keeps its own running max ``m``, sum ``s = sum 2^(z - m)`` (and
@@ -197,7 +200,7 @@ if HAS_TRITON:
         m = tl.full([BLOCK_V], -1e30, dtype=tl.float32)  # finite: -inf - -inf would be NaN
         s = tl.zeros([BLOCK_V], dtype=tl.float32)
         t = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK_V):
+        for start in tl.range(0, n_cols, BLOCK_V, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK_V)
             msk = offs < V
             z = tl.load(x_row + offs, mask=msk, other=float("-inf")).to(tl.float32) * c2
@@ -224,7 +227,7 @@ if HAS_TRITON:
     def _lp_fwd_kernel(
         X, stride_x, LBL, LOGP, LSE, ENT,
         V, inv_temp, ignore_index,
-        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """One program per row: logp = z_y - lse, H = lse - sum p z; 0 on ignored rows."""
         row = tl.program_id(0).to(tl.int64)
@@ -232,7 +235,7 @@ if HAS_TRITON:
         label = tl.load(LBL + row)
         valid = label != ignore_index
         n_cols = tl.where(valid, V, 0)  # ignored rows skip the vocabulary loop
-        lse, pz = _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V, HAS_ENT)
+        lse, pz = _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V, HAS_ENT, STAGES)
         safe = tl.where(valid, label, 0)
         z_y = tl.load(x_row + safe).to(tl.float32) * inv_temp
         tl.store(LOGP + row, tl.where(valid, z_y - lse, 0.0))
@@ -244,7 +247,7 @@ if HAS_TRITON:
     def _lp_bwd_kernel(
         X, stride_x, DX, stride_dx, LBL, LSE, ENT, GLP, GENT,
         V, inv_temp, ignore_index,
-        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """One program per row: dx = (g (1[j=y] - p) - g_H p (z - lse + H)) / T (DX may alias X)."""
         row = tl.program_id(0).to(tl.int64)
@@ -260,7 +263,7 @@ if HAS_TRITON:
                 h_minus_lse = tl.load(ENT + row) - lse
             c2 = inv_temp * 1.4426950408889634  # p = 2^(x log2(e) / T - lse log2(e)): one FMA
             lse2 = lse * 1.4426950408889634
-            for start in range(0, V, BLOCK_V):
+            for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
                 offs = start + tl.arange(0, BLOCK_V)
                 msk = offs < V
                 x = tl.load(x_row + offs, mask=msk, other=0.0).to(tl.float32)
@@ -282,11 +285,11 @@ def _triton_lp_forward(x, labels, valid, opts, logp, lse, ent):
     N, V = x.shape
     if N == 0:
         return
-    block, warps = _launch_cfg(V)
+    block, warps, stages = _launch_cfg(V)
     _lp_fwd_kernel[(N,)](
         x, x.stride(0), labels, logp, lse, ent if ent is not None else lse,
         V, 1.0 / opts.temperature, opts.ignore_index,
-        BLOCK_V=block, HAS_ENT=ent is not None, num_warps=warps,
+        BLOCK_V=block, HAS_ENT=ent is not None, STAGES=stages, num_warps=warps,
     )  # fmt: skip
 
 
@@ -294,13 +297,13 @@ def _triton_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
     N, V = x.shape
     if N == 0:
         return out
-    block, warps = _launch_cfg(V, "bwd")
+    block, warps, stages = _launch_cfg(V, "bwd")
     has_ent = g_ent is not None
     _lp_bwd_kernel[(N,)](
         x, x.stride(0), out, out.stride(0), labels, lse, ent if has_ent else lse,
         g_lp, g_ent if has_ent else g_lp,
         V, 1.0 / opts.temperature, opts.ignore_index,
-        BLOCK_V=block, HAS_ENT=has_ent, num_warps=warps,
+        BLOCK_V=block, HAS_ENT=has_ent, STAGES=stages, num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -413,7 +413,7 @@ if HAS_TRITON:
         clip_lo, clip_hi, dual_c, kl_coef, kl_clamp, ent_coef,
         HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, KL_EST: tl.constexpr,
         HAS_CLAMP: tl.constexpr, HAS_ENT: tl.constexpr, NEED_ENT: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """One program per token: online logsumexp over the vocabulary, then the loss terms."""
         row = tl.program_id(0).to(tl.int64)
@@ -423,7 +423,7 @@ if HAS_TRITON:
         valid = label != ignore_index
         m = tl.where(valid, m, 0.0)
         n_cols = tl.where(valid, V, 0)
-        lse, pz = _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V, NEED_ENT)
+        lse, pz = _row_lse(x_row, V, n_cols, inv_temp, BLOCK_V, NEED_ENT, STAGES)
         safe = tl.where(valid, label, 0)
         z_y = tl.load(x_row + safe).to(tl.float32) * inv_temp
         lp = tl.where(valid, z_y - lse, 0.0)
@@ -568,12 +568,12 @@ def _triton_fused_forward(x, labels, old, adv, ref, m, w, lopts, cfg):
     dent = torch.empty(N, **f32) if flags["HAS_ENT"] else None
     part = torch.zeros((max(N, 1), 8), **f32)
     if N:
-        block, warps = _launch_cfg(V)
+        block, warps, stages = _launch_cfg(V)
         _fused_fwd_kernel[(N,)](
             x, x.stride(0), labels, old, adv, ref if ref is not None else old, m, w,
             logp, lse, ent if ent is not None else lse, dlp, dent if dent is not None else dlp, part,
             V, 1.0 / lopts.temperature, lopts.ignore_index, *scal,
-            NEED_ENT=need_ent, BLOCK_V=block, num_warps=warps, **flags,
+            NEED_ENT=need_ent, BLOCK_V=block, STAGES=stages, num_warps=warps, **flags,
         )  # fmt: skip
     loss, stats = _split_part(part)
     return logp, lse, ent, loss, dlp, dent, stats
