@@ -442,7 +442,7 @@ def _apply_rewards(ctx: Context, batch: Batch, metrics: dict[str, float]) -> Non
         for name, scores in (out or {}).items():
             scores = scores.detach().float().to(batch.input_ids.device)
             w = ctx.reward_weights.get(name, 1.0)
-            if scores.dim() == 1:
+            if scores.shape == (len(batch),):
                 seq = w * scores if seq is None else seq + w * scores
                 per_seq = scores
             elif scores.shape == batch.input_ids.shape:

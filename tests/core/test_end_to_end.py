@@ -82,3 +82,17 @@ def test_ppo_job_improves_true_reward(tmp_path):
     summary = run_job(["algo=ppo", "trainer.progress=false"], tmp_path / "run")
     before, after = summary["eval/reward_before"], summary["eval/reward_after"]
     assert after > before + 0.05, (before, after)
+
+
+def test_multirun_sweep_runs_each_job(tmp_path):
+    """`rlfuse -m seed=0,1` is a sweep: one run dir (and summary) per job."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "rlfuse", "-m", "seed=0,1", "algo=sft", "trainer.max_steps=1",
+           "trainer.progress=false", "eval.task.num_prompts=4", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    seeds = {json.loads((s.parent / "config.yaml").read_text().split("seed: ")[1].split()[0]) for s in summaries}
+    assert seeds == {0, 1}

@@ -1,0 +1,89 @@
+"""Pieces of the loop: the Batch record, the learning-rate schedule, reward weighting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rlfuse.data import Batch
+from rlfuse.trainer import lr_factor
+
+
+def _batch(B=5, T=7):
+    ids = torch.arange(B * T).reshape(B, T)
+    return Batch(
+        input_ids=ids,
+        attention_mask=torch.ones(B, T, dtype=torch.long),
+        response_mask=torch.zeros(B, T),
+        prompts=[f"p{i}" for i in range(B)],
+        responses=[f"r{i}" for i in range(B)],
+        rows=[{"i": i} for i in range(B)],
+        group_ids=torch.arange(B) // 2,
+        extras={"per_row": torch.arange(B) * 10, "constant": 3},
+    )
+
+
+def test_select_slices_every_per_row_field():
+    b = _batch()
+    s = b.select([4, 1])
+    assert s.input_ids[:, 0].tolist() == [28, 7]
+    assert s.prompts == ["p4", "p1"] and s.rows == [{"i": 4}, {"i": 1}]
+    assert s.group_ids.tolist() == [2, 0]
+    assert s.extras["per_row"].tolist() == [40, 10] and s.extras["constant"] == 3
+    assert s.totals == {} and s.cache == {}
+
+
+def test_split_covers_the_batch_in_order():
+    parts = list(_batch(B=5).split(2))
+    assert [len(p) for p in parts] == [2, 2, 1]
+    assert torch.cat([p.input_ids for p in parts]).equal(_batch(B=5).input_ids)
+
+
+def _cfg(**trainer):
+    base = dict(warmup_steps=0, schedule="constant", max_steps=10, min_lr_ratio=0.0)
+    base.update(trainer)
+    return OmegaConf.create({"trainer": base})
+
+
+def test_lr_schedules():
+    assert [lr_factor(s, _cfg(warmup_steps=4)) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    cos = _cfg(schedule="cosine", max_steps=10)
+    assert lr_factor(0, cos) == pytest.approx(1.0)
+    assert lr_factor(5, cos) == pytest.approx(0.5)
+    assert lr_factor(10, cos) == pytest.approx(0.0)
+    lin = _cfg(schedule="linear", max_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(5, lin) == pytest.approx(0.1 + 0.9 * 0.5)
+    with pytest.raises(ValueError, match="trainer.schedule"):
+        lr_factor(3, _cfg(schedule="exp"))
+
+
+def test_reward_weights_and_shapes():
+    from types import SimpleNamespace
+
+    from rlfuse.manager import PluginError
+    from rlfuse.trainer import _apply_rewards
+
+    b = _batch(B=3, T=4)
+    b.response_mask[:, 2:] = 1
+
+    class Hook:
+        def __init__(self, results):
+            self.results = results
+
+        def reward(self, ctx, batch):
+            return self.results
+
+    seq = torch.tensor([1.0, 2.0, 3.0])
+    tok = torch.ones(3, 4)
+    ctx = SimpleNamespace(hook=Hook([{"a": seq}, {"b": tok}]), reward_weights={"a": 2.0, "b": 0.5})
+    m = {}
+    _apply_rewards(ctx, b, m)
+    assert b.rewards.tolist() == [2.0, 4.0, 6.0]
+    assert b.token_rewards.tolist() == (0.5 * tok).tolist()
+    assert m["reward/a/mean"] == pytest.approx(2.0)
+    assert m["reward/b/mean"] == pytest.approx(2.0)  # 2 response tokens x 1.0, unweighted
+    assert m["reward/mean"] == pytest.approx(4.0 + 1.0)
+    ctx.hook = Hook([{"bad": torch.ones(2)}])
+    with pytest.raises(PluginError, match="reward 'bad' returned shape"):
+        _apply_rewards(ctx, _batch(B=3, T=4), {})
