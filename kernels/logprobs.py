@@ -164,21 +164,36 @@ def _torch_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
 
 #: largest vocabulary tile of one loop iteration (tests lower it to exercise the loop).
 MAX_BLOCK_V = 8192
+#: default (tile, warps) per kernel, from the H200 sweep in tests/benchmarks/bench_kernels_gpu.py:
+#: the forward keeps per-lane state (small tiles, 4 warps); the backward is a plain stream.
+DEFAULT_LAUNCH = {"fwd": (1024, 4), "bwd": (8192, 16)}
 #: {"fwd" | "bwd": (BLOCK_V, num_warps, loop stages)} forced launch configs (benchmark sweeps).
 LAUNCH_OVERRIDE: dict[str, tuple[int, int, int]] = {}
 
 
 def _launch_cfg(V: int, kind: str = "fwd") -> tuple[int, int, int]:
     """(BLOCK_V, num_warps, stages) for a vocabulary of size V; one program streams one row."""
+    fit = max(32, triton.next_power_of_2(V))
     if kind in LAUNCH_OVERRIDE:
         block, warps, stages = LAUNCH_OVERRIDE[kind]
-        return min(block, max(32, triton.next_power_of_2(V))), warps, stages
-    block = max(32, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
-    warps = 4 if block <= 1024 else (8 if block <= 2048 else (16 if block <= 4096 else 32))
-    return block, warps, 1
+        return min(block, fit), warps, stages
+    block, warps = DEFAULT_LAUNCH[kind]
+    block = min(block, MAX_BLOCK_V, fit)
+    return block, max(1, min(warps, block // 256)), 1
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _lse_update(z, zs, m, s, t, HAS_ENT: tl.constexpr):
+        """One tile of the per-lane online logsumexp (base 2): one exponential per element."""
+        d = z - m
+        up = d > 0.0  # this element is the lane's new max
+        e = tl.exp2(-tl.abs(d))  # of 2^(z - m) and 2^(m - z) the larger is 1
+        s = tl.where(up, s * e + 1.0, s + e)
+        if HAS_ENT:
+            t = tl.where(up, t * e + zs, t + e * zs)
+        return tl.maximum(m, z), s, t
 
     @triton.jit
     def _row_lse(
@@ -189,9 +204,8 @@ if HAS_TRITON:
 
         Every lane of the tile keeps its own running max ``m``, sum ``s = sum 2^(z - m)`` (and
         ``t = sum 2^(z - m) z`` for the entropy) in base 2, so the loop has no cross-thread
-        reduction and needs ONE exponential per element: of ``2^(z - m_old)`` and
-        ``2^(m_old - z)`` the larger is 1, the other is ``2^-|z - m_old|``. The lanes are
-        combined once at the end.
+        reduction and needs ONE exponential per element; the lanes are combined once at the
+        end. Full tiles are loaded without masks; the ragged tail once, masked.
 
         :returns: (lse, sum_j p_j z_j) with z = x * inv_temp (natural log units); the second is 0
             without HAS_ENT. Skipped rows return finite placeholders.
@@ -200,18 +214,15 @@ if HAS_TRITON:
         m = tl.full([BLOCK_V], -1e30, dtype=tl.float32)  # finite: -inf - -inf would be NaN
         s = tl.zeros([BLOCK_V], dtype=tl.float32)
         t = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for start in tl.range(0, n_cols, BLOCK_V, num_stages=STAGES):
-            offs = start + tl.arange(0, BLOCK_V)
+        n_full = (n_cols // BLOCK_V) * BLOCK_V
+        for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
+            z = tl.load(x_row + start + tl.arange(0, BLOCK_V)).to(tl.float32) * c2
+            m, s, t = _lse_update(z, z, m, s, t, HAS_ENT)
+        if n_full < n_cols:
+            offs = n_full + tl.arange(0, BLOCK_V)
             msk = offs < V
             z = tl.load(x_row + offs, mask=msk, other=float("-inf")).to(tl.float32) * c2
-            d = z - m
-            up = d > 0.0  # this element is the lane's new max
-            e = tl.exp2(-tl.abs(d))
-            s = tl.where(up, s * e + 1.0, s + e)
-            if HAS_ENT:
-                zs = tl.where(msk, z, 0.0)
-                t = tl.where(up, t * e + zs, t + e * zs)
-            m = tl.maximum(m, z)
+            m, s, t = _lse_update(z, tl.where(msk, z, 0.0), m, s, t, HAS_ENT)
         mx = tl.max(m, axis=0)
         scale = tl.exp2(m - mx)
         # a non-empty row has s >= 1 (the lane holding the max contributes 2^0); skipped rows
@@ -244,6 +255,16 @@ if HAS_TRITON:
             tl.store(ENT + row, tl.where(valid, lse - pz, 0.0))
 
     @triton.jit
+    def _dlogits(x, offs, label, g, c2, lse2, inv_temp, g_h, h_minus_lse, HAS_ENT: tl.constexpr):
+        """d logits of one tile: (g (1[j = y] - p) - g_H p (z - lse + H)) / T."""
+        p = tl.exp2(x * c2 - lse2)
+        if HAS_ENT:
+            dz = -p * (g + g_h * (x * inv_temp + h_minus_lse))
+        else:
+            dz = -p * g
+        return tl.where(offs == label, dz + g, dz) * inv_temp
+
+    @triton.jit
     def _lp_bwd_kernel(
         X, stride_x, DX, stride_dx, LBL, LSE, ENT, GLP, GENT,
         V, inv_temp, ignore_index,
@@ -258,21 +279,24 @@ if HAS_TRITON:
         if valid:
             g = tl.load(GLP + row)
             lse = tl.load(LSE + row)
+            g_h = 0.0
+            h_minus_lse = 0.0
             if HAS_ENT:
                 g_h = tl.load(GENT + row)
                 h_minus_lse = tl.load(ENT + row) - lse
             c2 = inv_temp * 1.4426950408889634  # p = 2^(x log2(e) / T - lse log2(e)): one FMA
             lse2 = lse * 1.4426950408889634
-            for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+            n_full = (V // BLOCK_V) * BLOCK_V
+            for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
                 offs = start + tl.arange(0, BLOCK_V)
+                x = tl.load(x_row + offs).to(tl.float32)
+                dz = _dlogits(x, offs, label, g, c2, lse2, inv_temp, g_h, h_minus_lse, HAS_ENT)
+                tl.store(dx_row + offs, dz.to(DX.dtype.element_ty))
+            if n_full < V:
+                offs = n_full + tl.arange(0, BLOCK_V)
                 msk = offs < V
                 x = tl.load(x_row + offs, mask=msk, other=0.0).to(tl.float32)
-                p = tl.exp2(x * c2 - lse2)
-                if HAS_ENT:
-                    dz = -p * (g + g_h * (x * inv_temp + h_minus_lse))
-                else:
-                    dz = -p * g
-                dz = tl.where(offs == label, dz + g, dz) * inv_temp
+                dz = _dlogits(x, offs, label, g, c2, lse2, inv_temp, g_h, h_minus_lse, HAS_ENT)
                 tl.store(dx_row + offs, dz.to(DX.dtype.element_ty), mask=msk)
         else:  # ignored token: zero gradient, the logits are not read
             for start in range(0, V, BLOCK_V):

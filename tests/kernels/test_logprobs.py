@@ -16,8 +16,9 @@ from rlfuse.kernels.logprobs import linear_token_logprobs_reference, token_logpr
 ON_CUDA = torch.cuda.is_available()
 INTERPRETING = triton_interpreter_active()
 DTYPES = [torch.float32, torch.bfloat16]
-# (label shape, vocab): one token, vocab not a multiple of any tile, flattened rows, V = 1
-SHAPES = [((1, 1), 7), ((3, 5), 1003), ((9,), 1000), ((2, 3), 1)]
+# (label shape, vocab): one token, vocab not a multiple of any tile, flattened rows, V = 1,
+# vocab an exact multiple of the tile (no ragged tail)
+SHAPES = [((1, 1), 7), ((3, 5), 1003), ((9,), 1000), ((2, 3), 1), ((5,), 512)]
 
 
 def _close(actual, expected, dtype=torch.float32, what=""):
