@@ -148,6 +148,7 @@ class Plugin:
         self.cache: dict[Any, tuple[float, float]] = {}  # pair key -> (ref_c, ref_r)
         self._ref_id: int | None = None
         self.eval_items: list[Any] = []
+        self._needs_precompute = cfg.precompute_reference and not self.reference_free
 
     # -- reference log-probs -------------------------------------------------------
     def _ref(self, ctx: Any, batch: Batch, keys: list[Any]) -> tuple[Tensor, Tensor]:
@@ -207,7 +208,6 @@ class Plugin:
     def setup(self, ctx: Any) -> None:
         from rlfuse.plugins.preference_data import load_pairs
 
-        self._needs_precompute = self.cfg.precompute_reference and not self.reference_free
         path = ctx.cfg.data.eval_preferences
         if path and self.cfg.eval_pairs:
             self.eval_items = load_pairs(ctx, path)[: self.cfg.eval_pairs]
