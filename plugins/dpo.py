@@ -165,7 +165,7 @@ class Plugin:
                     self.cache.clear()  # the reference changed (e.g. refreshed by a sync plugin)
                 self._ref_id = id(ref_model)
             if all(k in self.cache for k in keys):
-                c, r = zip(*(self.cache[k] for k in keys))
+                c, r = zip(*(self.cache[k] for k in keys), strict=False)
                 dev = batch.input_ids.device
                 return torch.tensor(c, device=dev), torch.tensor(r, device=dev)
         with torch.no_grad():
@@ -174,7 +174,7 @@ class Plugin:
         if self._ref_id is None:
             self._ref_id = id(ctx._reference)
         if self.cfg.cache_reference:
-            for k, c, r in zip(keys, rc.tolist(), rr.tolist()):
+            for k, c, r in zip(keys, rc.tolist(), rr.tolist(), strict=False):
                 self.cache[k] = (c, r)
         return rc, rr
 
@@ -183,7 +183,7 @@ class Plugin:
         if key is None:
             return [None] * len(pairs)
         is_c = batch.extras["chosen"].bool().tolist()
-        by_pair = {int(p): k for p, k, c in zip(batch.extras["pair"].tolist(), key, is_c) if c}
+        by_pair = {int(p): k for p, k, c in zip(batch.extras["pair"].tolist(), key, is_c, strict=False) if c}
         return [by_pair[int(p)] for p in pairs.tolist()]
 
     def _precompute(self, ctx: Any) -> None:

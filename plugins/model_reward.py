@@ -109,7 +109,7 @@ class Plugin:
         data = ctx.cfg.data
         prompts, answers = [], []
         rows = batch.rows if len(batch.rows) == len(batch) else [None] * len(batch)
-        for i, (row, resp) in enumerate(zip(rows, batch.responses)):
+        for i, (row, resp) in enumerate(zip(rows, batch.responses, strict=False)):
             where = f"reward.{self.name} row {i}"
             if row is not None and ("prompt" in row or "messages" in row):
                 text = prompt_text(Record(row, where), self.tok)

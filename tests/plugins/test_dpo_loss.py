@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from rlfuse.plugins.dpo import LOSS_TYPES, preference_loss
 
 
@@ -42,7 +41,7 @@ PAIRS = [
 
 
 def tensors(dtype):
-    cols = list(zip(*PAIRS))
+    cols = list(zip(*PAIRS, strict=False))
     return [torch.tensor(c, dtype=dtype) for c in cols]
 
 
@@ -61,7 +60,7 @@ def test_hand_computed(loss_type, beta, eps, dtype):
     # the reference uses the same (possibly bf16-rounded) inputs, in float64
     want = [
         expected(float(a), float(b), float(c), float(d), beta, loss_type, eps, gamma=0.7)
-        for a, b, c, d in zip(pc, pr, rc, rr)
+        for a, b, c, d in zip(pc, pr, rc, rr, strict=False)
     ]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32), rtol=1e-5, atol=1e-5)
 

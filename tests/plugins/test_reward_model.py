@@ -23,7 +23,7 @@ def test_bradley_terry_hand_computed(dtype):
     for margin in (0.0, 0.5, torch.tensor([0.0, 1.0, 2.0, 0.0, -1.0])):
         got = bradley_terry_loss(c, r, margin)
         m = margin.tolist() if isinstance(margin, torch.Tensor) else [margin] * 5
-        want = [math.log1p(math.exp(-(float(a) - float(b) - mm))) for a, b, mm in zip(c, r, m)]
+        want = [math.log1p(math.exp(-(float(a) - float(b) - mm))) for a, b, mm in zip(c, r, m, strict=False)]
         torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
     # zero margin, equal scores -> log 2; gradient raises chosen, lowers rejected
     c = torch.zeros(3, requires_grad=True)
