@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from rlfuse.plugins.dpo import LOSS_TYPES, preference_loss
 
 
