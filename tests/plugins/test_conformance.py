@@ -129,9 +129,9 @@ def test_seq_mean_token_sum_norm_needs_a_constant_normaliser():
     adv = torch.ones(2, 6)
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0]], dtype=torch.float32)
     opts = dict(aggregation="seq-mean-token-sum-norm", num_seqs=2)
-    whole = clipped_policy_loss(lp, old, adv, mask, **opts).loss
+    whole = clipped_policy_loss(lp, old, adv, mask, **opts).loss.detach()
     split = sum(clipped_policy_loss(lp[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], **opts).loss
-                for i in range(2))  # fmt: skip
+                for i in range(2)).detach()  # fmt: skip
     assert float(whole) == pytest.approx(float(split))
     trimmed = clipped_policy_loss(lp[1:, :3], old[1:, :3], adv[1:, :3], mask[1:, :3], **opts).loss
     assert float(trimmed) != pytest.approx(float(clipped_policy_loss(lp[1:], old[1:], adv[1:], mask[1:], **opts).loss))
