@@ -13,7 +13,9 @@ single-stage job composed from the same config tree::
 
 Stage ``s`` runs in ``<run_dir>/<s>`` with the overrides ``algo=<algo>``, the stage's own
 overrides (``{run_dir}`` is replaced by the pipeline's run dir), then the user's command-line
-overrides (except ``algo=``), so ``rlfuse trainer.max_steps=5`` shortens every stage.
+overrides (except ``algo=``), so ``rlfuse trainer.max_steps=5`` shortens every stage. A stage
+with ``algo_overrides: false`` (the warm-up) does not take the user's ``algo.*`` overrides:
+``rlfuse algo=grpo algo.lr=5e-4`` sets GRPO's learning rate, not the SFT warm-up's.
 ``init_from: other`` starts the stage from ``<run_dir>/<other>/final``. A stage whose
 ``summary.json`` exists is skipped, so re-running an interrupted pipeline continues it.
 
@@ -34,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlfuse.config import check
 from rlfuse.trainer import train, write_json_atomic
 
-STAGE_KEYS = {"algo", "overrides", "init_from"}
+STAGE_KEYS = {"algo", "overrides", "init_from", "algo_overrides"}
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -55,7 +57,7 @@ def with_warmup(cfg: DictConfig) -> DictConfig:
     """
     name = cfg.algo.name
     stages = {
-        "warmup": dict(cfg.algo.warmup),
+        "warmup": {**dict(cfg.algo.warmup), "algo_overrides": False},
         name: {"algo": name, "init_from": "warmup", "overrides": ["algo.warmup=null"]},
     }
     summary = {f"eval/reward_{k}": f"{name}/eval/reward_{k}" for k in ("before", "after")}
@@ -69,7 +71,14 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
 
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    user = [o for o in overrides if not _key(o).startswith(("algo", "hydra", "run_dir", "+run_dir"))]
+    # the user's overrides reach every stage, except the preset choice itself and run dirs
+    # (overrides of the pipeline's own shape -- algo.stages/summary/warmup -- stay here)
+    user = [
+        o
+        for o in overrides
+        if _key(o) not in ("algo", "run_dir")
+        and not _key(o).startswith(("hydra.", "algo.stages", "algo.summary", "algo.warmup"))
+    ]
     summary: dict[str, Any] = {"algo": cfg.algo.name, "stages": {}}
     metrics_lines: list[str] = []
     last = None
@@ -84,7 +93,11 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         stage_over += [o.replace("{run_dir}", str(run_dir)) for o in stage.get("overrides") or []]
         if stage.get("init_from"):
             stage_over.append(f"model.name_or_path={run_dir / stage.init_from / 'final'}")
-        stage_over += user + [f"run_dir={stage_dir}"]
+        if stage.get("algo_overrides", True):
+            stage_over += user
+        else:  # a warm-up stage: `algo.lr=...` on the command line is meant for the preset
+            stage_over += [o for o in user if not _key(o).startswith("algo.")]
+        stage_over += [f"run_dir={stage_dir}"]
         done = stage_dir / "summary.json"
         if done.exists():
             print(f"[rlfuse] stage '{name}': already done ({done}), skipped")

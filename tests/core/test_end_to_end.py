@@ -96,3 +96,15 @@ def test_multirun_sweep_runs_each_job(tmp_path):
     assert len(summaries) == 2
     seeds = {json.loads((s.parent / "config.yaml").read_text().split("seed: ")[1].split()[0]) for s in summaries}
     assert seeds == {0, 1}
+
+
+def test_pipeline_passes_algo_overrides_to_the_preset_not_the_warmup(tmp_path):
+    run_job(["algo=ppo", "algo.lr=1.234e-4", "trainer.max_steps=1", "trainer.progress=false",
+             "rollout.batch_size=4", "eval.task.num_prompts=4"], tmp_path / "run")
+    import yaml
+
+    warm = yaml.safe_load((tmp_path / "run" / "warmup" / "config.yaml").read_text())
+    main = yaml.safe_load((tmp_path / "run" / "ppo" / "config.yaml").read_text())
+    assert main["algo"]["lr"] == pytest.approx(1.234e-4)
+    assert warm["algo"]["name"] == "sft" and warm["algo"]["lr"] != pytest.approx(1.234e-4)
+    assert main["trainer"]["max_steps"] == warm["trainer"]["max_steps"] == 1
