@@ -8,7 +8,9 @@ Run from the repository root (prints a markdown table; not a test)::
 Every (case, implementation) runs in a fresh subprocess so that the peak resident memory is
 its own: inputs are built, the kernel's high-water mark (``VmHWM``) is reset through
 ``/proc/self/clear_refs``, one forward + backward runs, and "extra memory" is the peak above
-the inputs. Times are the median of ``--reps`` forward + backward runs after that first one.
+the inputs. Times come from one more process per case that runs the implementations
+interleaved (A B A B ...) for ``--reps`` rounds after a warm-up round and takes the medians,
+so load drift on a shared machine hits every implementation alike.
 
 * from logits: ``token_logprobs(logits, labels)`` vs ``log_softmax(logits.float()).gather``
   (gradient w.r.t. the logits; ``inplace`` = ``inplace_backward=True``);
@@ -55,75 +57,88 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def run_case(case: dict) -> dict:
-    """Executed in the child: build inputs, measure one fwd+bwd's peak, then time ``reps`` runs."""
-    _shim()
-    import torch
+def _build(case: dict, torch):
+    """(make_inputs, step) for one case; ``step(inputs)`` runs forward + backward."""
     from rlfuse.kernels import linear_token_logprobs, token_logprobs
 
     torch.manual_seed(0)
-    torch.set_num_threads(case["threads"])
     N, V, H = case["N"], case["V"], case.get("H", 0)
     dtype = getattr(torch, case["dtype"])
-    impl, kind = case["impl"], case["kind"]
     labels = torch.randint(0, V, (N,))
 
-    if kind == "logits":
+    if case["kind"] == "logits":
 
         def make():
             return (torch.randn(N, V) * 2).to(dtype).requires_grad_()
 
-        def step(x):
+        def step(x, impl):
             if impl == "naive":
                 lp = torch.log_softmax(x.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
             else:
                 lp = token_logprobs(x, labels, inplace_backward=impl == "inplace", backend="torch")
             return torch.autograd.grad(lp.sum(), x)
 
-    else:
-        h0 = torch.randn(N, H).to(dtype)
-        w0 = (torch.randn(V, H) / H**0.5).to(dtype)
+        return make, step
 
-        def make():
-            return h0.requires_grad_(), w0.requires_grad_()
+    h0 = torch.randn(N, H).to(dtype)
+    w0 = (torch.randn(V, H) / H**0.5).to(dtype)
 
-        def step(inputs):
-            h, w = inputs
-            if impl == "naive":
-                logits = h @ w.t()
-                lp = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
-            else:
-                lp = linear_token_logprobs(h, w, labels, backend="torch")
-            return torch.autograd.grad(lp.sum(), (h, w))
+    def make_h():
+        return h0.requires_grad_(), w0.requires_grad_()
 
+    def step_h(inputs, impl):
+        h, w = inputs
+        if impl == "naive":
+            logits = h @ w.t()
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+        else:
+            lp = linear_token_logprobs(h, w, labels, backend="torch")
+        return torch.autograd.grad(lp.sum(), (h, w))
+
+    return make_h, step_h
+
+
+def run_case(case: dict) -> dict:
+    """In a child process: peak memory of one forward + backward of ``case["impl"]``."""
+    _shim()
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    make, step = _build(case, torch)
     inputs = make()
     base, _ = _mem_mib()
     _reset_peak()
     t0 = time.perf_counter()
-    grads = step(inputs)
+    grads = step(inputs, case["impl"])
     first = time.perf_counter() - t0
     _, peak = _mem_mib()
     del grads
-    times = []
-    for _ in range(case["reps"]):
-        if kind == "logits" and impl == "inplace":
-            inputs = make()  # the in-place backward consumed the logits
-        t0 = time.perf_counter()
-        grads = step(inputs)
-        times.append(time.perf_counter() - t0)
-        del grads
-    return dict(
-        case,
-        extra_mib=peak - base,
-        first_s=first,
-        time_s=statistics.median(times) if times else first,
-    )
+    return dict(case, extra_mib=peak - base, first_s=first)
 
 
-def _spawn(case: dict) -> dict:
+def time_case(case: dict) -> dict:
+    """In a child process: median fwd+bwd time of each impl, runs interleaved (A B A B ...)
+    so that load drift on a shared machine hits every implementation alike."""
+    _shim()
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    make, step = _build(case, torch)
+    times: dict[str, list[float]] = {impl: [] for impl in case["impls"]}
+    for _ in range(case["reps"] + 1):  # the first round warms up and is dropped
+        for impl in case["impls"]:
+            inputs = make()
+            t0 = time.perf_counter()
+            grads = step(inputs, impl)
+            times[impl].append(time.perf_counter() - t0)
+            del grads, inputs
+    return {impl: statistics.median(ts[1:]) for impl, ts in times.items()}
+
+
+def _spawn(case: dict, mode: str = "--child") -> dict:
     env = dict(os.environ)
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(case)],
+        [sys.executable, __file__, mode, json.dumps(case)],
         capture_output=True, text=True, env=env, timeout=3600,
     )  # fmt: skip
     if proc.returncode != 0:
@@ -190,6 +205,8 @@ def _small_overhead(threads: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--time-child", help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=["logits", "hidden"], help="run one half of the table")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--vocab", type=int, nargs="*", default=[32_768, 131_072])
@@ -200,25 +217,35 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))
         return
+    if args.time_child:
+        print(json.dumps(time_case(json.loads(args.time_child))))
+        return
     if args.quick:
         args.tokens, args.vocab, args.hidden = 512, [4096, 16_384], 256
     base = dict(N=args.tokens, reps=args.reps, threads=args.threads)
-    cases = []
-    for V in args.vocab:
-        for impl in ("naive", "ours", "inplace"):
-            cases.append(dict(base, kind="logits", V=V, dtype="float32", impl=impl))
-    V0 = args.vocab[0]
-    for impl in ("naive", "ours"):
-        cases.append(dict(base, kind="logits", V=V0, dtype="bfloat16", impl=impl))
-    for V in args.vocab:
-        for impl in ("naive", "ours"):
-            cases.append(dict(base, kind="hidden", V=V, H=args.hidden, dtype="float32", impl=impl))
+    groups = []  # (case without impl, impls)
+    if args.only in (None, "logits"):
+        for V in args.vocab:
+            groups.append(
+                (dict(base, kind="logits", V=V, dtype="float32"), ["naive", "ours", "inplace"])
+            )
+        groups.append(
+            (dict(base, kind="logits", V=args.vocab[0], dtype="bfloat16"), ["naive", "ours"])
+        )
+    if args.only in (None, "hidden"):
+        for V in args.vocab:
+            groups.append(
+                (dict(base, kind="hidden", V=V, H=args.hidden, dtype="float32"), ["naive", "ours"])
+            )
     rows = []
-    for c in cases:
-        r = _spawn(c)
-        print(f"  {c['kind']:6s} {c['N']}x{c['V']} {c['dtype']:8s} {c['impl']:8s} extra {r['extra_mib']:8.0f} MiB  "
-              f"{r['time_s']:.3f} s", file=sys.stderr, flush=True)  # fmt: skip
-        rows.append(r)
+    for case, impls in groups:
+        mem = {impl: _spawn(dict(case, impl=impl)) for impl in impls}
+        times = _spawn(dict(case, impls=impls), "--time-child")
+        for impl in impls:
+            r = dict(mem[impl], time_s=times[impl])
+            print(f"  {case['kind']:6s} {case['N']}x{case['V']} {case['dtype']:8s} {impl:8s} "
+                  f"extra {r['extra_mib']:8.0f} MiB  {r['time_s']:.3f} s", file=sys.stderr, flush=True)  # fmt: skip
+            rows.append(r)
     import torch
 
     def logits_mib(r):
