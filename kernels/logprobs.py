@@ -83,7 +83,8 @@ def linear_token_logprobs_reference(hidden, lm_head_weight, labels, *, bias=None
 # Chunked torch backend (CPU default): vectorised over a block of rows at a time
 # ----------------------------------------------------------------------------------------------
 
-#: elements of fp32 scratch per row chunk (8M elements = 32 MiB): bounds the temporaries.
+#: elements per row chunk of the torch backend (2 Mi elements = 8 MiB of fp32): bounds the
+#: temporaries; small problems (e.g. 1024 tokens x 100 vocab) are a single chunk.
 TORCH_CHUNK_ELEMS = 1 << 21
 
 
@@ -112,8 +113,8 @@ def _torch_lp_forward(x, labels, valid, opts, logp, lse, ent):
         logp[s:e] = lp
         lse[s:e] = z.gather(1, safe[s:e]).squeeze(1) - lp
         if ent is not None:
-            z = logsm.exp()  # reuse the name: p
-            ent[s:e] = z.mul_(logsm).sum(-1).neg_()
+            p = logsm.exp()
+            ent[s:e] = p.mul_(logsm).sum(-1).neg_()  # -sum p log p
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     torch.where(valid, logp, zero, out=logp)
     if ent is not None:
@@ -131,12 +132,12 @@ def _torch_lp_backward(x, labels, valid, lse, ent, g_lp, g_ent, opts, out):
         h_minus_lse = (ent - lse).unsqueeze(1)  # (N, 1)
     lse = lse.unsqueeze(1)
     inv_t = 1.0 / opts.temperature
-    direct = x.dtype == torch.float32 and out.dtype == torch.float32 and opts.temperature == 1.0
+    direct = x.dtype == torch.float32 and opts.temperature == 1.0
     step = _row_chunk(N, V, TORCH_CHUNK_ELEMS)
     for s in range(0, N, step):
         e = min(N, s + step)
         if direct:  # fp32, T == 1: compute straight into the output rows (no scratch at all)
-            d = out[s:e]
+            d = out[s:e] if out.dtype == torch.float32 else torch.empty_like(x[s:e])
             if g_ent is not None:
                 coef = x[s:e] + h_minus_lse[s:e]  # (n, V) scratch: z - lse + H
             torch.sub(x[s:e], lse[s:e], out=d)
