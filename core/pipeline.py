@@ -60,15 +60,11 @@ def with_warmup(cfg: DictConfig) -> DictConfig:
         "warmup": {**dict(cfg.algo.warmup), "algo_overrides": False},
         name: {"algo": name, "init_from": "warmup", "overrides": ["algo.warmup=null"]},
     }
-    summary = {f"eval/reward_{k}": f"{name}/eval/reward_{k}" for k in ("before", "after")}
-    summary.update({f"eval/exact_{k}": f"{name}/eval/exact_{k}" for k in ("before", "after")})
+    summary = {"eval/*": f"{name}/eval/*"}
     return OmegaConf.create({"algo": {"name": name, "stages": stages, "summary": summary}})
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     # the user's overrides reach every stage, except the preset choice itself and run dirs
@@ -82,6 +78,8 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
     summary: dict[str, Any] = {"algo": cfg.algo.name, "stages": {}}
     metrics_lines: list[str] = []
     last = None
+    plans = []  # compose every stage first: a bad override fails before any training
+    used: set[str] = set()
     for name, stage in cfg.algo.stages.items():
         unknown = set(stage) - STAGE_KEYS
         if unknown:
@@ -89,26 +87,29 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         if not stage.get("algo"):
             raise ValueError(f"algo.stages.{name}: missing 'algo' (the preset this stage runs)")
         stage_dir = run_dir / name
-        stage_over = [f"algo={stage.algo}"]
-        stage_over += [o.replace("{run_dir}", str(run_dir)) for o in stage.get("overrides") or []]
+        base = [f"algo={stage.algo}"]
+        base += [o.replace("{run_dir}", str(run_dir)) for o in stage.get("overrides") or []]
         if stage.get("init_from"):
-            stage_over.append(f"model.name_or_path={run_dir / stage.init_from / 'final'}")
-        if stage.get("algo_overrides", True):
-            stage_over += user
-        else:  # a warm-up stage: `algo.lr=...` on the command line is meant for the preset
-            stage_over += [o for o in user if not _key(o).startswith("algo.")]
-        stage_over += [f"run_dir={stage_dir}"]
+            base.append(f"model.name_or_path={run_dir / stage.init_from / 'final'}")
+        base.append(f"run_dir={stage_dir}")
+        mine = user if stage.get("algo_overrides", True) else [o for o in user if not _key(o).startswith("algo.")]
+        # a user override reaches every stage whose config has that key (eval.task.* does not
+        # reach the reward-model stage, which has no eval=task)
+        plain = _compose(base)
+        mine = [o for o in mine if _applies(plain, o)]
+        used.update(mine)
+        stage_over = base + mine
+        plans.append((name, stage, stage_dir, stage_over, _compose(stage_over)))
+    unused = [o for o in user if o not in used]
+    if unused:
+        raise ValueError(f"override(s) {unused} match no key in any stage of algo={cfg.algo.name}")
+    for name, stage, stage_dir, stage_over, stage_cfg in plans:
         done = stage_dir / "summary.json"
         if done.exists():
             print(f"[rlfuse] stage '{name}': already done ({done}), skipped")
             result = json.loads(done.read_text())
         else:
             print(f"[rlfuse] stage '{name}': algo={stage.algo}")
-            if GlobalHydra.instance().is_initialized():
-                stage_cfg = compose(config_name="config", overrides=stage_over)
-            else:
-                with initialize_config_module("rlfuse.conf", version_base="1.3"):
-                    stage_cfg = compose(config_name="config", overrides=stage_over)
             result = run(stage_cfg, stage_over, stage_dir)
         summary["stages"][name] = result
         if (stage_dir / "metrics.jsonl").exists():
@@ -119,7 +120,13 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         last = name
     (run_dir / "metrics.jsonl").write_text("\n".join(metrics_lines) + ("\n" if metrics_lines else ""))
     for key, src in (cfg.algo.get("summary") or {}).items():
-        summary[key] = _lookup(summary["stages"], src)
+        if key.endswith("*"):  # "eval/*": "dpo/eval/*" copies every matching key
+            stage, _, prefix = src.partition("/")
+            for k, v in (summary["stages"].get(stage) or {}).items():
+                if k.startswith(prefix.rstrip("*")):
+                    summary[key.rstrip("*") + k[len(prefix.rstrip("*")):]] = v
+        else:
+            summary[key] = _lookup(summary["stages"], src)
     if last is not None:
         link = run_dir / "final"
         if link.is_symlink() or link.exists():
@@ -128,6 +135,27 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         summary["final_policy"] = str(run_dir / last / "final")
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_module("rlfuse.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _applies(cfg: DictConfig, override: str) -> bool:
+    """Whether a command-line override addresses something that exists in ``cfg``."""
+    if override.startswith("+"):
+        return True
+    key = _key(override)
+    return OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+
+
+_ABSENT = object()
 
 
 def _key(override: str) -> str:

@@ -14,8 +14,10 @@ Every data file of the task is generated deterministically by this module (run i
 * ``prompts_train.jsonl`` / ``prompts_eval.jsonl``: prompts (eval prompts never appear in any
   training file), each with its ``target`` column;
 * ``sft.jsonl``: demonstrations (``prompt``, ``completion``) — correct answers;
-* ``preferences.jsonl`` / ``preferences_eval.jsonl``: pairs of imperfect answers labelled by a
-  simulated labeller that prefers the answer with the higher true reward (ties dropped).
+* ``preferences.jsonl`` / ``preferences_eval.jsonl``: pairs of answers (the right one, a few
+  random edits of it, or a degenerate one: a repeated letter, the prompt copied, an answer cut
+  short or run on) labelled by a simulated labeller that prefers the answer with the higher
+  true reward (ties dropped).
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ def reward(prompt: str, response: str, **columns: object) -> float:
 def _prompt(rng: random.Random) -> str:
     n = rng.randint(MIN_LEN, MAX_LEN)
     return "".join(rng.choice(ALPHABET) for _ in range(n)) + "="
+
+
+def _degenerate(rng: random.Random, prompt: str, want: str) -> str:
+    """A failure a policy drifts into when it optimises a learned reward: one letter repeated,
+    the prompt copied unsorted, or the right answer cut short or run on."""
+    op = rng.random()
+    if op < 0.3:
+        return rng.choice(ALPHABET) * rng.randint(1, 10)
+    if op < 0.5:
+        return prompt.rstrip("=")
+    if op < 0.75:
+        return want + "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 5)))
+    return want[: rng.randint(1, max(1, len(want) - 1))]
 
 
 def _corrupt(rng: random.Random, want: str) -> str:
@@ -105,7 +120,7 @@ def generate(out_dir: str | Path, n_train: int = 4000, n_eval: int = 200, n_pair
             p = rng.choice(prompts)
             want = target(p)
             a = want if rng.random() < 0.3 else _corrupt(rng, want)
-            b = _corrupt(rng, want)
+            b = _degenerate(rng, p, want) if rng.random() < 0.3 else _corrupt(rng, want)
             sa, sb = score(a, want), score(b, want)
             if sa == sb or a == b:
                 continue  # the simulated labeller has no preference: skip

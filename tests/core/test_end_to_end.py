@@ -108,3 +108,16 @@ def test_pipeline_passes_algo_overrides_to_the_preset_not_the_warmup(tmp_path):
     assert main["algo"]["lr"] == pytest.approx(1.234e-4)
     assert warm["algo"]["name"] == "sft" and warm["algo"]["lr"] != pytest.approx(1.234e-4)
     assert main["trainer"]["max_steps"] == warm["trainer"]["max_steps"] == 1
+
+
+def test_pipeline_overrides_reach_the_stages_that_have_the_key(tmp_path):
+    """An override reaches each stage whose config has the key; one that fits no stage fails
+    before any stage trains."""
+    from support import compose
+
+    from rlfuse.pipeline import run_pipeline
+
+    cfg = compose(["algo=rlhf"])
+    with pytest.raises(ValueError, match=r"loss.dpo.beta=0.3.*match no key in any stage"):
+        run_pipeline(cfg, ["reward.model.normalize=batch", "loss.dpo.beta=0.3"], tmp_path / "run")
+    assert not (tmp_path / "run" / "sft").exists()  # nothing trained
