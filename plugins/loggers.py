@@ -56,9 +56,13 @@ class ConsoleLogger:
     def setup(self, ctx: Any) -> None:
         from tqdm import tqdm
 
-        if ctx.cfg.trainer.progress:
-            self.bar = tqdm(total=ctx.cfg.trainer.max_steps, desc=ctx.cfg.algo.name, file=sys.stderr,
-                            dynamic_ncols=True, leave=True)
+        self.total = ctx.cfg.trainer.max_steps
+        self.name = ctx.cfg.algo.name
+        self.every = 0  # on a terminal: a live bar; in a log file: a line every ~10% of the run
+        if ctx.cfg.trainer.progress and sys.stderr.isatty():
+            self.bar = tqdm(total=self.total, desc=self.name, file=sys.stderr, dynamic_ncols=True, leave=True)
+        elif ctx.cfg.trainer.progress:
+            self.every = max(1, self.total // 10)
 
     @hookimpl
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -66,10 +70,13 @@ class ConsoleLogger:
             text = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/"))
             (self.bar.write if self.bar else print)(f"[eval @ step {step}] {text}")
             return
+        shown = {SHORT.get(k, k): f"{metrics[k]:.4g}" for k in self.keys if k in metrics}
         if self.bar is not None:
             self.bar.n = step
-            shown = {SHORT.get(k, k): f"{metrics[k]:.4g}" for k in self.keys if k in metrics}
             self.bar.set_postfix(shown, refresh=True)
+        elif self.every and (step % self.every == 0 or step == self.total):
+            text = "  ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"[{self.name} {step}/{self.total}] {text}", file=sys.stderr, flush=True)
 
     @hookimpl
     def teardown(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # A few-second PPO job on the built-in task (no warm-up, tiny batches).
 FAST = [
+    "algo=ppo",
     "algo.warmup=null",
     "trainer.max_steps=2",
     "trainer.progress=false",

@@ -121,3 +121,19 @@ def test_pipeline_overrides_reach_the_stages_that_have_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"loss.dpo.beta=0.3.*match no key in any stage"):
         run_pipeline(cfg, ["reward.model.normalize=batch", "loss.dpo.beta=0.3"], tmp_path / "run")
     assert not (tmp_path / "run" / "sft").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_default_job_is_the_full_rlhf_pipeline(tmp_path):
+    """`rlfuse` with no arguments, as shipped: SFT -> reward model -> PPO against it.
+
+    The reward model must be clearly better than chance on held-out pairs, and the RLHF
+    policy's true reward is reported beside the SFT policy's; the KL penalty keeps the RLHF
+    policy from drifting below the SFT policy on the true reward (the reward model's holes are
+    easy to exploit on this task, see docs/algorithms/rlhf.md)."""
+    s = run_job(["trainer.progress=false"], tmp_path / "run")
+    assert s["algo"] == "rlhf" and set(s["stages"]) == {"sft", "rm", "ppo"}
+    assert s["eval/rm_accuracy"] > 0.7
+    assert s["eval/reward_sft"] > 0.5  # the SFT warm-up learnt the task
+    assert s["eval/reward_rlhf"] >= s["eval/reward_sft"] - 0.02
+    assert "eval/score/model_after" in s
