@@ -1,12 +1,15 @@
 """The ``rlfuse`` command: Hydra composes the config, :func:`rlfuse.pipeline.run` runs it.
 
 ``rlfuse`` alone runs the embedded default job; ``rlfuse --cfg job`` prints the composed
-config; ``rlfuse -m a=1,2`` runs a sweep; ``rlfuse label ...`` collects human preferences.
+config; ``rlfuse -m a=1,2`` runs a sweep. ``rlfuse NAME ARGS`` runs a sub-command registered
+under the entry-point group ``rlfuse.commands`` (built in: ``label``, which collects human
+preferences) -- plugins add commands the same way they add hooks.
 """
 
 from __future__ import annotations
 
 import sys
+from importlib.metadata import entry_points
 from typing import Any
 
 import hydra
@@ -29,11 +32,18 @@ def _hydra_main(cfg: DictConfig) -> Any:
     return summary
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "label":
-        from rlfuse.label import main as label_main
+def commands() -> dict[str, Any]:
+    """Sub-commands: entry-point name -> entry point (group ``rlfuse.commands``)."""
+    return {ep.name: ep for ep in entry_points(group="rlfuse.commands")}
 
-        sys.exit(label_main(sys.argv[2:]))
+
+def main() -> None:
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and "=" not in sys.argv[1]:
+        cmds = commands()
+        if sys.argv[1] not in cmds:
+            sys.exit(f"rlfuse: unknown command '{sys.argv[1]}' (commands: {', '.join(sorted(cmds))}; "
+                     "or give config overrides like key=value)")
+        sys.exit(cmds[sys.argv[1]].load()(sys.argv[2:]))
     try:
         _hydra_main()
     except KeyboardInterrupt:

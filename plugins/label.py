@@ -34,10 +34,10 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
 from rlfuse import models
 from rlfuse.config import ModelConfig
+from rlfuse.plugins.generation import SamplingConfig, sample
+from rlfuse.plugins.records import DataError, Record, encode_prompts, prompt_text, read_jsonl
 
 DEFAULT_PROMPTS = "pkg://rlfuse.plugins/tasks/data/prompts_train.jsonl"
 CHOICES = {"a": "A", "b": "B", "t": "tie", "tie": "tie", "s": "skip", "skip": "skip", "q": "quit", "quit": "quit"}
@@ -60,35 +60,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------------ files
 
 
-def resolve(path: str) -> Path:
-    if path.startswith("pkg://"):
-        from importlib import resources
-
-        pkg, _, rel = path[len("pkg://") :].partition("/")
-        return Path(str(resources.files(pkg).joinpath(rel)))
-    return Path(path).expanduser()
-
-
-def read_prompts(path: str) -> list[dict[str, Any]]:
+def read_prompts(path: str) -> list[Record]:
     """Rows with a usable prompt; a bad row is an error naming file and line."""
-    p = resolve(path)
-    if not p.exists():
-        raise SystemExit(f"rlfuse label: {path}: no such file")
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"rlfuse label: {path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-                raise SystemExit(f"rlfuse label: {path}:{i}: missing field 'prompt' (or 'messages')")
-            rows.append(row)
-    if not rows:
-        raise SystemExit(f"rlfuse label: {path}: no rows")
-    return rows
+    try:
+        return read_jsonl(path, required=(("prompt",), ("messages",)))
+    except DataError as e:
+        raise SystemExit(f"rlfuse label: {e}") from None
 
 
 def load_done(out: Path) -> set[int]:
@@ -146,26 +123,15 @@ def stored_prompt(row: dict[str, Any]) -> Any:
     return msgs[:-1] if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant" else msgs
 
 
-def prompt_text(prompt: Any, tok: Any) -> str:
-    if isinstance(prompt, list):
-        return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return str(prompt)
-
-
-@torch.no_grad()
 def sample_pair(model: Any, tok: Any, text: str, args: argparse.Namespace, seed: int) -> tuple[str, str]:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
-        ids = [tok.bos_token_id] + ids
-    ids = ids[-args.max_prompt_length :]
-    x = torch.tensor([ids, ids])
+    """Two sampled completions of one prompt (seeded, so a resumed session shows the same)."""
+    import torch
+
+    ids = encode_prompts(tok, [text], args.max_prompt_length, "left", ["prompt"])[0]
     torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None,
-    )
-    a, b = (tok.decode(o[len(ids) :], skip_special_tokens=True) for o in out)
-    return a, b
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    batch = sample(model, tok, [ids, ids], cfg, next(model.parameters()).device)
+    return batch.responses[0], batch.responses[1]
 
 
 # ------------------------------------------------------------------------ display
@@ -217,9 +183,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
         for idx in todo:
             if n >= args.num:
                 break
-            row = rows[idx]
-            prompt = stored_prompt(row)
-            text = prompt_text(prompt, tok)
+            prompt = stored_prompt(rows[idx].row)
+            text = prompt_text(rows[idx], tok)
             a, b = sample_pair(model, tok, text, args, seed=args.seed * 1_000_003 + idx)
             base = {"prompt": prompt, "prompt_index": idx, "policy": policy_name, "time": round(time.time(), 3)}
             if a == b:
