@@ -18,6 +18,7 @@ to float round-off, and nothing is divided by a zero standard deviation).
 from __future__ import annotations
 
 import torch
+
 from rlfuse.data import Batch
 
 

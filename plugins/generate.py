@@ -15,7 +15,7 @@ from rlfuse import hookimpl
 from rlfuse.data import Batch
 from rlfuse.plugins.generation import SamplingConfig, sample
 from rlfuse.plugins.records import encode_prompts, prompt_text, read_jsonl
-from rlfuse.plugins.stream import RecordStream
+from rlfuse.plugins.stream import RecordStream, StreamPlugin
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Config:
     shuffle: bool = True
 
 
-class Plugin:
+class Plugin(StreamPlugin):
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "generate") -> None:
@@ -50,7 +50,7 @@ class Plugin:
         recs = read_jsonl(data.prompts, required=(("prompt",), ("messages",)))
         texts = [prompt_text(r, ctx.tokenizer) for r in recs]
         ids = encode_prompts(ctx.tokenizer, texts, data.max_prompt_length, data.truncation, [r.where for r in recs])
-        self.items = [(i, r.row) for i, r in zip(ids, recs)]
+        self.items = [(i, r.row) for i, r in zip(ids, recs, strict=True)]
         self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
 
     @hookimpl
@@ -67,13 +67,3 @@ class Plugin:
         batch.old_logprobs = out.logprobs * batch.response_mask
         batch.cache["rollout_forward"] = out
         return batch
-
-    @hookimpl
-    def save_state(self) -> dict[str, Any]:
-        return {f"rollout.{self.name}": self.stream.state_dict() if self.stream else None}
-
-    @hookimpl
-    def load_state(self, state: dict[str, Any]) -> None:
-        s = state.get(f"rollout.{self.name}")
-        if s and self.stream:
-            self.stream.load_state_dict(s)

@@ -79,7 +79,7 @@ def sample(
     attention = torch.cat([mask, resp_mask], dim=1)
     response_mask = torch.cat([torch.zeros_like(mask), resp_mask], dim=1).float()
     texts = tokenizer.batch_decode(
-        [r[m.bool()].tolist() for r, m in zip(resp, resp_mask)], skip_special_tokens=True
+        [r[m.bool()].tolist() for r, m in zip(resp, resp_mask, strict=True)], skip_special_tokens=True
     )
     prompts = tokenizer.batch_decode([p for p in prompt_ids], skip_special_tokens=True)
     return Batch(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from rlfuse import hookimpl
 from rlfuse.data import Batch
 

@@ -38,7 +38,7 @@ from rlfuse.plugins.records import (
     prompt_text,
     read_jsonl,
 )
-from rlfuse.plugins.stream import RecordStream
+from rlfuse.plugins.stream import RecordStream, StreamPlugin
 
 NO_PREFERENCE = ("tie", "skip")  # `label` values written by `rlfuse label` that carry no pair
 
@@ -128,7 +128,7 @@ class Config:
     shuffle: bool = True
 
 
-class Plugin:
+class Plugin(StreamPlugin):
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "preference_data") -> None:
@@ -150,13 +150,3 @@ class Plugin:
     def rollout(self, ctx: Any, step: int) -> Batch:
         assert self.stream is not None
         return pair_batch(self.stream.take(self.cfg.batch_size), ctx.tokenizer, ctx.cfg.data.max_length, ctx.device)
-
-    @hookimpl
-    def save_state(self) -> dict[str, Any]:
-        return {f"rollout.{self.name}": self.stream.state_dict() if self.stream else None}
-
-    @hookimpl
-    def load_state(self, state: dict[str, Any]) -> None:
-        s = state.get(f"rollout.{self.name}")
-        if s and self.stream:
-            self.stream.load_state_dict(s)

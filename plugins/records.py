@@ -136,7 +136,7 @@ def encode_prompts(
         raise DataError(f"data.truncation must be 'left' or 'error', got '{truncation}'")
     bos = tokenizer.bos_token_id
     out = []
-    for ids, where in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], wheres):
+    for ids, where in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], wheres, strict=True):
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
         if len(ids) > max_len:
@@ -168,7 +168,7 @@ def pack(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``prompt + answer`` rows -> (input_ids, attention_mask, response_mask)."""
     rows = []
-    for p, a in zip(prompts, answers):
+    for p, a in zip(prompts, answers, strict=True):
         if max_len is not None and len(p) + len(a) > max_len:
             a = a[: max(0, max_len - len(p))]
         rows.append((p, a))

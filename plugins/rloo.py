@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
 from rlfuse.plugins.advantage_utils import (

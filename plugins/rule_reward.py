@@ -60,7 +60,7 @@ class Plugin:
         else:
             scores = [
                 self.fn(prompt=p, response=r, **{k: v for k, v in row.items() if k not in ("prompt", "messages")})
-                for p, r, row in zip(batch.prompts, batch.responses, rows)
+                for p, r, row in zip(batch.prompts, batch.responses, rows, strict=True)
             ]
         if len(scores) != len(batch):
             raise ValueError(f"reward function returned {len(scores)} scores for {len(batch)} responses")

@@ -12,8 +12,15 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
-from rlfuse.plugins.records import completion_text, encode_answers, encode_prompts, pack, prompt_text, read_jsonl
-from rlfuse.plugins.stream import RecordStream
+from rlfuse.plugins.records import (
+    completion_text,
+    encode_answers,
+    encode_prompts,
+    pack,
+    prompt_text,
+    read_jsonl,
+)
+from rlfuse.plugins.stream import RecordStream, StreamPlugin
 
 
 @dataclass
@@ -22,7 +29,7 @@ class Config:
     shuffle: bool = True
 
 
-class Plugin:
+class Plugin(StreamPlugin):
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "sft_data") -> None:
@@ -39,7 +46,7 @@ class Plugin:
         prompts = [prompt_text(r, tok) for r in recs]
         p_ids = encode_prompts(tok, prompts, data.max_prompt_length, data.truncation, [r.where for r in recs])
         a_ids = encode_answers(tok, [completion_text(r, tok) for r in recs])
-        items = list(zip(p_ids, a_ids, prompts, [r.row for r in recs]))
+        items = list(zip(p_ids, a_ids, prompts, [r.row for r in recs], strict=True))
         self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
 
     @hookimpl
@@ -50,13 +57,3 @@ class Plugin:
         return Batch(
             input_ids=ids, attention_mask=attn, response_mask=resp, prompts=[x[2] for x in picked], rows=[x[3] for x in picked]
         ).to(ctx.device)
-
-    @hookimpl
-    def save_state(self) -> dict[str, Any]:
-        return {f"rollout.{self.name}": self.stream.state_dict() if self.stream else None}
-
-    @hookimpl
-    def load_state(self, state: dict[str, Any]) -> None:
-        s = state.get(f"rollout.{self.name}")
-        if s and self.stream:
-            self.stream.load_state_dict(s)

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from rlfuse import hookimpl
+
 
 class RecordStream:
     """Yields records in a fresh seeded order each pass; its position survives a resume."""
@@ -41,3 +43,21 @@ class RecordStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._make_order()
+
+
+class StreamPlugin:
+    """Base of rollout plugins that read records through ``self.stream``: keeps the stream's
+    position in checkpoints (key ``rollout.<name>``), so a resumed run continues where it was."""
+
+    name: str
+    stream: RecordStream | None = None
+
+    @hookimpl
+    def save_state(self) -> dict[str, Any]:
+        return {f"rollout.{self.name}": self.stream.state_dict() if self.stream else None}
+
+    @hookimpl
+    def load_state(self, state: dict[str, Any]) -> None:
+        s = state.get(f"rollout.{self.name}")
+        if s and self.stream:
+            self.stream.load_state_dict(s)

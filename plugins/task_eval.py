@@ -47,7 +47,7 @@ class Plugin:
         recs = read_jsonl(data.eval_prompts, required=(("prompt",), ("messages",)))[: self.cfg.num_prompts]
         texts = [prompt_text(r, ctx.tokenizer) for r in recs]
         ids = encode_prompts(ctx.tokenizer, texts, data.max_prompt_length, data.truncation, [r.where for r in recs])
-        self.items = [(i, r.row) for i, r in zip(ids, recs)]
+        self.items = [(i, r.row) for i, r in zip(ids, recs, strict=True)]
         self.fn = load_function(data.reward_fn, "data.reward_fn")
         self.sampling = SamplingConfig(
             max_new_tokens=self.cfg.max_new_tokens, greedy=self.cfg.greedy, temperature=self.cfg.temperature
@@ -61,7 +61,7 @@ class Plugin:
             chunk = self.items[s : s + self.cfg.batch_size]
             batch = sample(ctx.policy, ctx.tokenizer, [p for p, _ in chunk], self.sampling, ctx.device)
             batch.rows = [row for _, row in chunk]
-            for p, r, row in zip(batch.prompts, batch.responses, batch.rows):
+            for p, r, row in zip(batch.prompts, batch.responses, batch.rows, strict=True):
                 true.append(float(self.fn(prompt=p, response=r, **{k: v for k, v in row.items() if k not in ("prompt", "messages")})))
                 if len(examples) < self.cfg.samples:
                     examples.append({"prompt": p, "response": r, "reward": true[-1]})

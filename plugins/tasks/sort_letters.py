@@ -43,7 +43,7 @@ def score(answer: str, want: str) -> float:
     n = max(len(answer), len(want))
     if n == 0:
         return 1.0
-    return sum(a == b for a, b in zip(answer, want)) / n
+    return sum(a == b for a, b in zip(answer, want, strict=False)) / n
 
 
 def reward(prompt: str, response: str, **columns: object) -> float:

@@ -26,9 +26,10 @@ def test_cli_shortened_default_job(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "eval/reward_after" in out.stdout
+    assert "eval/reward_sft" in out.stdout and "eval/reward_rlhf" in out.stdout
     summary = json.loads((run / "summary.json").read_text())
-    assert "eval/reward_before" in summary and "eval/reward_after" in summary
+    assert {"eval/reward_sft", "eval/reward_rlhf", "eval/rm_accuracy"} <= set(summary)
+    assert {"sft", "rm", "ppo"} <= {p.name for p in run.iterdir()}
     assert (run / "config.yaml").exists()
     rows = _rows(run / "metrics.jsonl")
     assert rows, "metrics.jsonl is empty"
@@ -113,9 +114,8 @@ def test_pipeline_passes_algo_overrides_to_the_preset_not_the_warmup(tmp_path):
 def test_pipeline_overrides_reach_the_stages_that_have_the_key(tmp_path):
     """An override reaches each stage whose config has the key; one that fits no stage fails
     before any stage trains."""
-    from support import compose
-
     from rlfuse.pipeline import run_pipeline
+    from support import compose
 
     cfg = compose(["algo=rlhf"])
     with pytest.raises(ValueError, match=r"loss.dpo.beta=0.3.*match no key in any stage"):

@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+
 from rlfuse.data import Batch
 from rlfuse.manager import instantiate, resolve
 from rlfuse.plugins import advantage_utils as au

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+
 from rlfuse import models, trainer
 from rlfuse.config import register_configs
 from rlfuse.data import Batch

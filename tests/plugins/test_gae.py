@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rlfuse.data import Batch
 from rlfuse.plugins.gae import gae, token_rewards, whiten
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from rlfuse.data import Batch, ForwardOutput
 from rlfuse.manager import PluginError, instantiate, resolve
 

@@ -13,7 +13,12 @@ from torch import nn
 from rlfuse.config import ModelConfig
 from rlfuse.models import build_tiny_model, build_tiny_tokenizer, forward
 from rlfuse.plugins.records import pack
-from rlfuse.plugins.reward_model import bradley_terry_loss, last_token_index, pool_last, save_reward_model
+from rlfuse.plugins.reward_model import (
+    bradley_terry_loss,
+    last_token_index,
+    pool_last,
+    save_reward_model,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -123,8 +128,9 @@ def test_model_reward_plugin_normalises_and_clips(tmp_path):
 @pytest.mark.slow
 def test_reward_model_learns_builtin_pairs(tmp_path):
     """Short training on the built-in pairs: held-out accuracy clearly above chance."""
-    from support import run_job
     from transformers import AutoModelForSequenceClassification
+
+    from support import run_job
 
     s = run_job(["algo=reward_model", "trainer.max_steps=60", "trainer.eval_every=0", "trainer.progress=false"], tmp_path)
     assert s["eval/rm/accuracy_after"] >= 0.62, s

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+
 from rlfuse import trainer
 from rlfuse.config import register_configs
 from rlfuse.data import Batch
