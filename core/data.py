@@ -73,13 +73,26 @@ class Batch:
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in ("totals", "cache"):
+            if f.name == "totals":
                 kw[f.name] = {}
+            elif f.name == "cache":  # remember where the rows came from (see `root_rows`)
+                kw[f.name] = {"parent": (self, idx)}
             elif f.name == "extras":
                 kw[f.name] = {k: _take(x, idx, positions, n) for k, x in v.items()}
             else:
                 kw[f.name] = _take(v, idx, positions, n)
         return Batch(**kw)
+
+    def root_rows(self) -> tuple[Batch, Tensor | None]:
+        """The batch this one was (repeatedly) selected from, and the rows it holds of it
+        (None when it is a root). Lets a value computed once on the rollout batch -- reference
+        log-probs, say -- be sliced for every mini- and micro-batch instead of recomputed."""
+        batch, idx = self, None
+        while "parent" in batch.cache:
+            parent, rows = batch.cache["parent"]
+            idx = rows if idx is None else rows[idx]
+            batch = parent
+        return batch, idx
 
     def split(self, size: int) -> Iterator[Batch]:
         """Consecutive chunks of at most ``size`` rows."""

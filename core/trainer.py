@@ -114,11 +114,16 @@ class Context:
         return cached
 
     def ref_logprobs(self, batch: Batch) -> torch.Tensor:
-        """``batch.ref_logprobs`` (B, T), computed under the reference model on first use."""
+        """``batch.ref_logprobs`` (B, T) under the reference model, computed once per rollout:
+        on a mini- or micro-batch it is computed for the whole batch it was cut from, then
+        sliced, so epochs and mini-batches never repeat the reference forward."""
         if batch.ref_logprobs is None:
-            with torch.no_grad():
-                out = models.forward(self.reference, batch)
-            batch.ref_logprobs = out.logprobs * batch.response_mask
+            root, rows = batch.root_rows()
+            if root.ref_logprobs is None:
+                with torch.no_grad():
+                    out = models.forward(self.reference, root)
+                root.ref_logprobs = out.logprobs * root.response_mask
+            batch.ref_logprobs = root.ref_logprobs if rows is None else root.ref_logprobs[rows.to(root.ref_logprobs.device)]
         return batch.ref_logprobs
 
     def record(self, metrics: dict[str, Any]) -> None:
@@ -169,6 +174,14 @@ def lr_factor(step: int, cfg: DictConfig) -> float:
     else:
         raise ValueError(f"trainer.schedule must be constant, cosine or linear; got '{t.schedule}'")
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+def _fused_ok(groups: list[dict[str, Any]]) -> bool | None:
+    """The fused AdamW kernel (one pass over all parameters; ~3x faster updates on CPU) when
+    every parameter is a floating-point tensor on a device that has it."""
+    params = [p for g in groups for p in g["params"]]
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok and params else None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -284,7 +297,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(
-        groups, betas=tuple(cfg.trainer.betas), eps=cfg.trainer.eps, weight_decay=cfg.trainer.weight_decay
+        groups, betas=tuple(cfg.trainer.betas), eps=cfg.trainer.eps, weight_decay=cfg.trainer.weight_decay,
+        fused=_fused_ok(groups),
     )
 
     start, summary = 0, {}

@@ -31,7 +31,7 @@ def test_select_slices_every_per_row_field():
     assert s.prompts == ["p4", "p1"] and s.rows == [{"i": 4}, {"i": 1}]
     assert s.group_ids.tolist() == [2, 0]
     assert s.extras["per_row"].tolist() == [40, 10] and s.extras["constant"] == 3
-    assert s.totals == {} and s.cache == {}
+    assert s.totals == {} and set(s.cache) == {"parent"}  # no forward results carried over
 
 
 def test_split_covers_the_batch_in_order():
@@ -87,3 +87,31 @@ def test_reward_weights_and_shapes():
     ctx.hook = Hook([{"bad": torch.ones(2)}])
     with pytest.raises(PluginError, match="reward 'bad' returned shape"):
         _apply_rewards(ctx, _batch(B=3, T=4), {})
+
+
+def test_reference_logprobs_are_computed_once_per_rollout(monkeypatch):
+    """Mini/micro-batches slice the rollout batch's reference log-probs instead of
+    recomputing them (one reference forward per step, whatever the epochs and splits)."""
+    from types import SimpleNamespace
+
+    from rlfuse import models
+    from rlfuse.data import ForwardOutput
+    from rlfuse.trainer import Context
+
+    calls = []
+
+    def fake_forward(model, batch, **kw):
+        calls.append(len(batch))
+        return ForwardOutput(logprobs=batch.input_ids.float() / 100)
+
+    monkeypatch.setattr(models, "forward", fake_forward)
+    ctx = Context.__new__(Context)
+    ctx._reference = SimpleNamespace()
+    b = _batch(B=6, T=3)
+    b.response_mask[:] = 1
+    for _ in range(2):  # two epochs, reshuffled mini-batches, micro-batches
+        mini = b.select(torch.randperm(6)[:4])
+        for micro in mini.split(2):
+            ref = ctx.ref_logprobs(micro)
+            assert torch.equal(ref, micro.input_ids.float() / 100)
+    assert calls == [6]
