@@ -369,14 +369,18 @@ def lp_backward(backend, x, labels, lse, ent, g_lp, g_ent, opts, out=None):
 
 # chunked hidden @ W.T --------------------------------------------------------------------------
 
-#: logits elements per token chunk of the linear variants, per device type.
-LINEAR_CHUNK_ELEMS = {"cpu": 1 << 23, "cuda": 1 << 26}
+#: logits elements per token chunk of the linear variants, per device type ...
+LINEAR_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 26}
+#: ... but never fewer rows than this: every chunk re-reads the whole (V, H) weight in three
+#: matmuls, so tiny chunks at a large vocabulary become weight-bandwidth bound.
+LINEAR_MIN_ROWS = {"cpu": 512, "cuda": 128}
 
 
 def linear_chunk_rows(n_rows: int, V: int, device: torch.device, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, min(n_rows, int(chunk_size)))
-    return _row_chunk(n_rows, V, LINEAR_CHUNK_ELEMS.get(device.type, 1 << 24))
+    rows = _row_chunk(n_rows, V, LINEAR_CHUNK_ELEMS.get(device.type, 1 << 24))
+    return min(n_rows, max(rows, LINEAR_MIN_ROWS.get(device.type, 128)))
 
 
 def _chunk_logits(h, w, b):
