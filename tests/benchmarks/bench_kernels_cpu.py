@@ -169,6 +169,7 @@ def _small_overhead(threads: int) -> str:
     """Per-call cost at the tiny-model size the framework uses every step (B, T, V) = (64, 16, 100)."""
     _shim()
     import torch
+
     from rlfuse.kernels import clipped_policy_loss, token_logprobs
 
     torch.set_num_threads(threads)

@@ -42,8 +42,9 @@ def _shim() -> None:
 
 _shim()
 
-import rlfuse.kernels.logprobs as lpm  # noqa: E402
 import torch  # noqa: E402
+
+import rlfuse.kernels.logprobs as lpm  # noqa: E402
 from rlfuse.kernels import (  # noqa: E402
     PolicyLossConfig,
     clipped_policy_loss,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rlfuse.kernels import logprobs as lp_mod
 from rlfuse.kernels import triton_interpreter_active
 

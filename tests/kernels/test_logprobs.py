@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rlfuse.kernels import (
     get_default_backend,
     linear_token_logprobs,

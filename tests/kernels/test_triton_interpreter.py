@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rlfuse.kernels import triton_interpreter_active
 
 try:
