@@ -34,17 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _shim() -> None:
-    """Make ``import rlfuse.kernels`` work from a checkout without ``pip install -e .``."""
-    try:
-        import rlfuse.kernels  # noqa: F401
-    except ImportError:
-        shim = Path("/tmp/rlfuse_bench_shim/rlfuse")
-        shim.mkdir(parents=True, exist_ok=True)
-        (shim / "__init__.py").touch()
-        link = shim / "kernels"
-        if not link.exists():
-            link.symlink_to(REPO / "kernels")
-        sys.path.insert(0, str(shim.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kernels_shim import ensure_kernels_importable
+
+    ensure_kernels_importable("bench")
 
 
 def _mem_mib() -> tuple[float, float]:
