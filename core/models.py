@@ -165,12 +165,7 @@ def forward(
         # full logits with the labels shifted (last position ignored): no logits-sized copy
         shifted = torch.cat([labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)  # (B, T)
         res = token_logprobs(out.logits, shifted, temperature=temperature, return_entropy=entropy)
-        lp, ent = (res if entropy else (res, None))
-        lp = lp[:, :-1]
-        ent = ent[:, :-1] if ent is not None else None
-        pad = lp.new_zeros(lp.shape[0], 1)
-        lp = torch.cat([pad, lp], dim=1)
-        return ForwardOutput(logprobs=lp, entropy=None if ent is None else torch.cat([pad, ent], dim=1), hidden=h)
+        res = tuple(x[:, :-1] for x in res) if entropy else res[:, :-1]
     lp, ent = (res if entropy else (res, None))
     pad = lp.new_zeros(lp.shape[0], 1)
     lp = torch.cat([pad, lp], dim=1)  # (B, T)
