@@ -134,11 +134,11 @@ def test_seq_mean_token_sum_norm_needs_a_constant_normaliser():
     split = sum(clipped_policy_loss(lp[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], **opts).loss
                 for i in range(2)).detach()  # fmt: skip
     assert float(whole) == pytest.approx(float(split))
-    trimmed = clipped_policy_loss(lp[1:, :3], old[1:, :3], adv[1:, :3], mask[1:, :3], **opts).loss
+    trimmed = clipped_policy_loss(lp[1:, :3], old[1:, :3], adv[1:, :3], mask[1:, :3], **opts).loss.detach()
     assert float(trimmed) != pytest.approx(float(clipped_policy_loss(lp[1:], old[1:], adv[1:], mask[1:], **opts).loss.detach()))
     fixed = dict(opts, norm_length=8)
-    assert float(clipped_policy_loss(lp[1:, :3], old[1:, :3], adv[1:, :3], mask[1:, :3], **fixed).loss) == pytest.approx(
-        float(clipped_policy_loss(lp[1:], old[1:], adv[1:], mask[1:], **fixed).loss)
+    assert float(clipped_policy_loss(lp[1:, :3], old[1:, :3], adv[1:, :3], mask[1:, :3], **fixed).loss.detach()) == pytest.approx(
+        float(clipped_policy_loss(lp[1:], old[1:], adv[1:], mask[1:], **fixed).loss.detach())
     )
 
 
