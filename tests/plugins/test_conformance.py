@@ -29,6 +29,11 @@ register_configs()
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
+def _scalar(t) -> float:
+    """A Python float of a 0-d tensor, detached from autograd."""
+    return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+
+
 def compose_cfg(overrides: list[str]):
     with initialize_config_module("rlfuse.conf", version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
@@ -220,18 +225,18 @@ def test_kl_estimators_value_and_gradient_exact(seed):
 
     # k1 = log p - log q: unbiased value; its expected gradient is E_p[grad log p] = 0
     v, g = exact_expectation("k1", theta, ref)
-    assert float(v) == pytest.approx(float(kl_pq), rel=1e-5)
+    assert _scalar(v.detach()) == pytest.approx(_scalar(kl_pq.detach()), rel=1e-5)
     assert torch.allclose(g, torch.zeros_like(g), atol=1e-6)
 
     # k2 = 0.5 (log p - log q)^2: biased value E_p[k2], but its gradient is exactly grad KL(p||q)
     v, g = exact_expectation("k2", theta, ref)
-    assert float(v) == pytest.approx(float((p * 0.5 * (logp - ref) ** 2).sum()), rel=1e-5)
-    assert float(v) != pytest.approx(float(kl_pq), rel=1e-3)
+    assert _scalar(v) == pytest.approx(_scalar((p * 0.5 * (logp - ref) ** 2).sum()), rel=1e-5)
+    assert _scalar(v) != pytest.approx(_scalar(kl_pq), rel=1e-3)
     assert torch.allclose(g, g_pq, atol=1e-6)
 
     # k3 = q/p - 1 - log(q/p): unbiased value; its expected gradient is grad KL(q||p)
     v, g = exact_expectation("k3", theta, ref)
-    assert float(v) == pytest.approx(float(kl_pq), rel=1e-5)
+    assert _scalar(v) == pytest.approx(_scalar(kl_pq), rel=1e-5)
     assert torch.allclose(g, g_qp, atol=1e-6)
     assert not torch.allclose(g, g_pq, atol=1e-3)
 
@@ -242,11 +247,11 @@ def test_k3_clamp_caps_the_value_and_cuts_the_gradient():
         ref[0] = ref[0] + 4.0  # a token the policy finds very unlikely relative to ref
     logp = torch.log_softmax(theta, -1)
     k3 = torch.exp(ref - logp) - (ref - logp) - 1
-    clamp = float(k3.sort().values[-2])  # above every value but the largest
+    clamp = _scalar(k3.sort().values[-2])  # above every value but the largest
     v, g = exact_expectation("k3", theta, ref, clamp=clamp)
     p = logp.exp()
     capped = torch.minimum(k3, torch.tensor(clamp, dtype=k3.dtype))
-    assert float(v) == pytest.approx(float((p * capped).sum()), rel=1e-5)
+    assert _scalar(v) == pytest.approx(_scalar((p * capped).sum()), rel=1e-5)
     # gradient of sum_y p(y) k(y) with k frozen where it is clamped
     live = (k3 <= clamp).double()
     want = torch.autograd.grad((p.detach() * k3 * live).sum(), theta)[0]
