@@ -84,7 +84,7 @@ def test_configs_found_from_another_directory(tmp_path):
 
 
 def test_package_data_is_shipped():
-    from rlfuse.plugins.records import resolve_path
+    from rlfuse.plugins._data.records import resolve_path
 
     cfg = compose([])
     for key in ("prompts", "eval_prompts", "sft", "preferences", "eval_preferences"):

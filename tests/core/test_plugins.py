@@ -99,7 +99,7 @@ def test_plugin_exception_names_plugin_and_hook(tmp_path, monkeypatch):
 
 
 def test_plugin_config_is_validated():
-    from rlfuse.plugins import generate
+    from rlfuse.plugins.rollout import generate
 
     with pytest.raises(PluginError, match=r"rollout\.tempreature"):
         instantiate(generate, {"tempreature": 0.5}, name="generate", where="rollout")

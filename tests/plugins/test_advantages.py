@@ -11,7 +11,7 @@ import torch
 
 from rlfuse.data import Batch
 from rlfuse.manager import instantiate, resolve
-from rlfuse.plugins import advantage_utils as au
+from rlfuse.plugins.advantage import _common as au
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlfuse.plugins.dpo import LOSS_TYPES, preference_loss
+from rlfuse.plugins.loss.dpo import LOSS_TYPES, preference_loss
 
 
 def log_sigmoid(x: float) -> float:

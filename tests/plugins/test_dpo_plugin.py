@@ -9,8 +9,8 @@ import torch
 
 from rlfuse import models
 from rlfuse.config import ModelConfig
-from rlfuse.plugins.dpo import Config, Plugin, preference_loss
-from rlfuse.plugins.preference_data import PairItem, pair_batch
+from rlfuse.plugins.loss.dpo import Config, Plugin, preference_loss
+from rlfuse.plugins._data.pairs import PairItem, pair_batch
 
 
 class FakeCtx:

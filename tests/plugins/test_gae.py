@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlfuse.data import Batch
-from rlfuse.plugins.gae import gae, token_rewards, whiten
+from rlfuse.plugins.advantage.gae import gae, token_rewards, whiten
 
 
 def gae_reference(rewards: list[float], values: list[float], gamma: float, lam: float):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rlfuse.plugins.label import main
+from rlfuse.plugins.commands.label import main
 
 
 def prompts(tmp_path, n=6):
@@ -36,7 +36,7 @@ def test_stdin_choices_write_rows_the_readers_accept(tmp_path):
     from types import SimpleNamespace
 
     from rlfuse.models import build_tiny_tokenizer
-    from rlfuse.plugins.preference_data import load_pairs
+    from rlfuse.plugins._data.pairs import load_pairs
 
     out = tmp_path / "prefs.jsonl"
     rc, text = run(tmp_path, "a\nwhat\nb\nt\ns\nq\n", out)

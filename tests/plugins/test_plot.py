@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from rlfuse.plugins.plot import render_svg
+from rlfuse.plugins.logger.plot import render_svg
 from support import FAST, run_job
 
 NS = "{http://www.w3.org/2000/svg}"

@@ -125,7 +125,7 @@ def test_ppo_bad_options_are_errors_naming_the_key():
 
 
 def test_kl_controller_fixed_and_adaptive():
-    from rlfuse.plugins.kl_penalty import KLController
+    from rlfuse.plugins.reward.kl_penalty import KLController
 
     fixed = KLController(0.1)
     assert fixed.update(5.0, 64) == 0.1

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlfuse.models import build_tiny_tokenizer
-from rlfuse.plugins.preference_data import load_pairs, pair_batch
-from rlfuse.plugins.records import DataError
+from rlfuse.plugins._data.pairs import load_pairs, pair_batch
+from rlfuse.plugins._data.records import DataError
 
 
 def ctx_for(tmp_path, **data):
@@ -85,7 +85,7 @@ def test_long_prompt_truncated_or_rejected(tmp_path):
 
 
 def test_rollout_plugin_steps(tmp_path):
-    from rlfuse.plugins.preference_data import Config, Plugin
+    from rlfuse.plugins.rollout.preference_data import Config, Plugin
 
     f = write(tmp_path / "p.jsonl", [{"prompt": f"{c}a=", "chosen": "a" + c, "rejected": c} for c in "bcdefg"])
     ctx = ctx_for(tmp_path)

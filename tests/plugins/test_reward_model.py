@@ -12,8 +12,8 @@ from torch import nn
 
 from rlfuse.config import ModelConfig
 from rlfuse.models import build_tiny_model, build_tiny_tokenizer, forward
-from rlfuse.plugins.records import pack
-from rlfuse.plugins.reward_model import (
+from rlfuse.plugins._data.records import pack
+from rlfuse.plugins.loss.bradley_terry import (
     bradley_terry_loss,
     last_token_index,
     pool_last,
@@ -63,7 +63,7 @@ def test_export_loads_in_transformers_and_scores_match(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from rlfuse.data import Batch
-    from rlfuse.plugins.model_reward import load_reward_model, score_ids
+    from rlfuse.plugins.reward.model import load_reward_model, score_ids
 
     model, head, tok = tiny()
     folder = tmp_path / "rm"
@@ -92,7 +92,7 @@ def test_export_loads_in_transformers_and_scores_match(tmp_path):
 
 def test_model_reward_plugin_normalises_and_clips(tmp_path):
     from rlfuse.data import Batch
-    from rlfuse.plugins.model_reward import Config, Plugin
+    from rlfuse.plugins.reward.model import Config, Plugin
 
     model, head, tok = tiny()
     save_reward_model(model, head, tok, tmp_path / "rm", {"mean": 0.5, "std": 2.0})

@@ -21,7 +21,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
-from rlfuse.plugins.advantage_utils import (
+from rlfuse.plugins.advantage._common import (
     group_index,
     group_stats,
     masked_whiten,

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from rlfuse import hookimpl
-from rlfuse.plugins.generation import SamplingConfig, sample
-from rlfuse.plugins.records import encode_prompts, prompt_text, read_jsonl
-from rlfuse.plugins.rule_reward import load_function
+from rlfuse.plugins._sampling import SamplingConfig, sample
+from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
+from rlfuse.plugins.reward.rule import load_function
 
 
 @dataclass

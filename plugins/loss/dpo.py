@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch, LossOutput
+from rlfuse.plugins._data.pairs import split_pairs
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 Tensor = torch.Tensor
@@ -115,19 +116,10 @@ def pair_logps(logprobs: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor, 
     :returns: (pairs, chosen_logps, rejected_logps, chosen_len, rejected_len), each (P,),
         ordered by pair id. Raises if a pair's two rows are not both in ``batch``.
     """
-    pair = batch.extras["pair"].to(logprobs.device)
-    is_c = batch.extras["chosen"].to(logprobs.device).bool()
+    ids, c, r = split_pairs(batch, logprobs.device, "DPO")
     seq = (logprobs * batch.response_mask).sum(-1)  # (2P,)
     length = batch.response_mask.sum(-1).clamp_min(1)
-    ids_c, oc = pair[is_c].sort()
-    ids_r, orr = pair[~is_c].sort()
-    if ids_c.shape != ids_r.shape or not torch.equal(ids_c, ids_r):
-        raise ValueError(
-            "a micro-batch holds a chosen row without its rejected row (or the reverse): DPO "
-            "needs whole pairs; set trainer.shuffle=false and leave trainer.mini_batch_size / "
-            "micro_batch_size null or even multiples of rollout.batch_size pairs"
-        )
-    return ids_c, seq[is_c][oc], seq[~is_c][orr], length[is_c][oc], length[~is_c][orr]
+    return ids, seq[c], seq[r], length[c], length[r]
 
 
 class Plugin:
@@ -187,7 +179,7 @@ class Plugin:
         return [by_pair[int(p)] for p in pairs.tolist()]
 
     def _precompute(self, ctx: Any) -> None:
-        from rlfuse.plugins.preference_data import pair_batch
+        from rlfuse.plugins._data.pairs import pair_batch
 
         rollout = ctx.pm.get_plugin("rollout")
         items = list(getattr(rollout, "items", []) or []) + list(self.eval_items)
@@ -206,7 +198,7 @@ class Plugin:
     # -- hooks ---------------------------------------------------------------------
     @hookimpl
     def setup(self, ctx: Any) -> None:
-        from rlfuse.plugins.preference_data import load_pairs
+        from rlfuse.plugins._data.pairs import load_pairs
 
         path = ctx.cfg.data.eval_preferences
         if path and self.cfg.eval_pairs:
@@ -255,7 +247,7 @@ class Plugin:
     def evaluate(self, ctx: Any, step: int) -> dict[str, float] | None:
         if not self.eval_items:
             return None
-        from rlfuse.plugins.preference_data import pair_batch
+        from rlfuse.plugins._data.pairs import pair_batch
 
         if self._needs_precompute:  # before the first step: score the held-out pairs now too
             self._needs_precompute = False

@@ -35,6 +35,7 @@ from torch import nn
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch, LossOutput
+from rlfuse.plugins._data.pairs import split_pairs
 
 Tensor = torch.Tensor
 STATS_FILE = "rlfuse_reward.json"
@@ -57,20 +58,12 @@ def pool_last(hidden: Tensor, attention_mask: Tensor) -> Tensor:  # (B, H)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
 
 
-def split_pairs(scores: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+def pair_scores(scores: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     """(chosen, rejected, margin) per pair, ordered by pair id, from a pair batch's row scores."""
-    pair = batch.extras["pair"].to(scores.device)
-    is_c = batch.extras["chosen"].to(scores.device).bool()
-    ids_c, oc = pair[is_c].sort()
-    ids_r, orr = pair[~is_c].sort()
-    if ids_c.shape != ids_r.shape or not torch.equal(ids_c, ids_r):
-        raise ValueError(
-            "a micro-batch holds a chosen row without its rejected row: the reward model needs "
-            "whole pairs; set trainer.shuffle=false and leave trainer.micro_batch_size null"
-        )
+    _, c, r = split_pairs(batch, scores.device, "the reward model")
     margin = batch.extras.get("margin")
-    m = margin.to(scores.device)[is_c][oc] if margin is not None else torch.zeros_like(ids_c, dtype=torch.float32)
-    return scores[is_c][oc], scores[~is_c][orr], m
+    m = margin.to(scores.device)[c] if margin is not None else torch.zeros(len(c), device=scores.device)
+    return scores[c], scores[r], m
 
 
 @dataclass
@@ -95,7 +88,7 @@ class Plugin:
 
     @hookimpl
     def setup(self, ctx: Any) -> None:
-        from rlfuse.plugins.preference_data import load_pairs
+        from rlfuse.plugins._data.pairs import load_pairs
 
         hidden = ctx.policy.config.hidden_size
         head = nn.Linear(hidden, 1, bias=False)
@@ -118,7 +111,7 @@ class Plugin:
 
     @hookimpl
     def loss(self, ctx: Any, batch: Batch) -> LossOutput:
-        c, r, m = split_pairs(self.scores(ctx, batch), batch)
+        c, r, m = pair_scores(self.scores(ctx, batch), batch)
         margin = self.cfg.margin + (m if self.cfg.use_data_margin else 0.0)
         losses = bradley_terry_loss(c, r, margin)
         n_pairs = batch.totals.get("sequences", float(len(batch))) / 2
@@ -134,7 +127,7 @@ class Plugin:
         )
 
     def _pair_scores(self, ctx: Any, items: list[Any]) -> tuple[Tensor, Tensor]:
-        from rlfuse.plugins.preference_data import pair_batch
+        from rlfuse.plugins._data.pairs import pair_batch
 
         cs, rs = [], []
         was = ctx.policy.training
@@ -142,7 +135,7 @@ class Plugin:
         try:
             for s in range(0, len(items), self.cfg.eval_batch_size):
                 b = pair_batch(items[s : s + self.cfg.eval_batch_size], ctx.tokenizer, ctx.cfg.data.max_length, ctx.device)
-                c, r, _ = split_pairs(self._scores_no_grad(ctx, b), b)
+                c, r, _ = pair_scores(self._scores_no_grad(ctx, b), b)
                 cs.append(c.cpu())
                 rs.append(r.cpu())
         finally:

@@ -12,7 +12,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
-from rlfuse.plugins.records import (
+from rlfuse.plugins._data.records import (
     completion_text,
     encode_answers,
     encode_prompts,
@@ -20,7 +20,7 @@ from rlfuse.plugins.records import (
     prompt_text,
     read_jsonl,
 )
-from rlfuse.plugins.stream import RecordStream, StreamPlugin
+from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
 
 
 @dataclass

@@ -1,22 +1,9 @@
-"""``rollout=preference_data``: batches of preference pairs from ``data.preferences``.
+"""Preference pairs: reading them from JSONL and laying ``P`` pairs out as one ``2P``-row batch.
 
-Each row is ``prompt`` + ``chosen`` + ``rejected`` (text, or chat lists: the prompt as
-messages rendered with the tokenizer's chat template, the answers as assistant messages; see
-:mod:`rlfuse.plugins.records`). An optional numeric ``margin`` field is kept per pair (the
-reward model's margin loss uses it). Rows written by ``rlfuse label`` with ``"label": "tie"``
-or ``"label": "skip"`` carry no preference and are left out (and counted).
-
-A step's ``P`` pairs become ONE batch of ``2P`` rows — all chosen answers first, then all
-rejected ones in the same pair order — so a loss needs a single forward pass::
-
-    rows 0..P-1    prompt_i + chosen_i   + EOS     extras["chosen"] = 1
-    rows P..2P-1   prompt_i + rejected_i + EOS     extras["chosen"] = 0
-
-``group_ids`` and ``extras["pair"]`` hold the pair index ``i`` of every row,
-``extras["pair_key"]`` a stable id of the pair (``file:line``), ``extras["margin"]`` the
-pair's margin (0 when absent). ``response_mask`` marks the answer tokens (with EOS).
-Prompts longer than ``data.max_prompt_length`` are truncated or rejected as
-``data.truncation`` says; answers are cut at ``data.max_length`` (counted, and reported).
+Shared by ``rollout=preference_data``, ``loss=dpo`` and ``loss=bradley_terry`` (their held-out
+evaluation). The layout -- all chosen rows first, then the rejected ones in the same pair
+order -- is described in :mod:`rlfuse.plugins.rollout.preference_data`;
+:func:`split_pairs` undoes it.
 """
 
 from __future__ import annotations
@@ -27,9 +14,8 @@ from typing import Any
 
 import torch
 
-from rlfuse import hookimpl
 from rlfuse.data import Batch
-from rlfuse.plugins.records import (
+from rlfuse.plugins._data.records import (
     DataError,
     completion_text,
     encode_answer,
@@ -38,7 +24,6 @@ from rlfuse.plugins.records import (
     prompt_text,
     read_jsonl,
 )
-from rlfuse.plugins.stream import RecordStream, StreamPlugin
 
 NO_PREFERENCE = ("tie", "skip")  # `label` values written by `rlfuse label` that carry no pair
 
@@ -122,31 +107,22 @@ def pair_batch(items: list[PairItem], tokenizer: Any, max_length: int | None, de
     ).to(device)
 
 
-@dataclass
-class Config:
-    batch_size: int = 32  # pairs per step (the batch has twice as many rows)
-    shuffle: bool = True
+def split_pairs(batch: Batch, device: Any, who: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Undo :func:`pair_batch`'s layout on a (mini/micro-)batch of it.
 
-
-class Plugin(StreamPlugin):
-    Config = Config
-
-    def __init__(self, cfg: Config, name: str = "preference_data") -> None:
-        if cfg.batch_size < 1:
-            raise ValueError(f"rollout.batch_size must be >= 1, got {cfg.batch_size}")
-        self.cfg = cfg
-        self.name = name
-        self.items: list[PairItem] = []
-        self.stream: RecordStream | None = None
-
-    @hookimpl
-    def setup(self, ctx: Any) -> None:
-        if not ctx.cfg.data.preferences:
-            raise ValueError("rollout=preference_data needs data.preferences (a JSONL file of pairs)")
-        self.items = load_pairs(ctx, ctx.cfg.data.preferences)
-        self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
-
-    @hookimpl
-    def rollout(self, ctx: Any, step: int) -> Batch:
-        assert self.stream is not None
-        return pair_batch(self.stream.take(self.cfg.batch_size), ctx.tokenizer, ctx.cfg.data.max_length, ctx.device)
+    :returns: ``(pair_ids, chosen_rows, rejected_rows)``, each ``(P,)`` and ordered by pair id:
+        the row indices of each pair's chosen and rejected answer. Raises when a pair's two
+        rows are not both in ``batch`` (``who`` names the plugin that needs whole pairs).
+    """
+    pair = batch.extras["pair"].to(device)
+    is_c = batch.extras["chosen"].to(device).bool()
+    rows = torch.arange(len(pair), device=device)
+    ids_c, oc = pair[is_c].sort()
+    ids_r, orr = pair[~is_c].sort()
+    if ids_c.shape != ids_r.shape or not torch.equal(ids_c, ids_r):
+        raise ValueError(
+            f"a micro-batch holds a chosen row without its rejected row (or the reverse): {who} "
+            "needs whole pairs; set trainer.shuffle=false and leave trainer.mini_batch_size / "
+            "micro_batch_size null or even multiples of rollout.batch_size pairs"
+        )
+    return ids_c, rows[is_c][oc], rows[~is_c][orr]

@@ -1,13 +1,8 @@
-"""Logger plugins: ``logger=[jsonl,console]`` (the default) and friends.
-
-* ``jsonl``: one JSON object per line in ``<run_dir>/metrics.jsonl`` (training steps, and
-  evaluations as lines whose keys are ``eval/...``).
-* ``console``: a progress bar with the main figures; evaluations printed as lines.
-"""
+"""``logger=console``: a progress bar with the main figures on a terminal, a line every ~10%
+of the run in a log file; evaluations printed as lines."""
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -15,28 +10,8 @@ from typing import Any
 from rlfuse import hookimpl
 
 
-class JsonlLogger:
-    def __init__(self, cfg: Any = None, name: str = "jsonl") -> None:
-        self.f: Any = None
-
-    @hookimpl
-    def setup(self, ctx: Any) -> None:
-        mode = "a" if ctx.cfg.trainer.resume else "w"
-        self.f = (ctx.run_dir / "metrics.jsonl").open(mode, encoding="utf-8")
-
-    @hookimpl
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.f.flush()
-
-    @hookimpl
-    def teardown(self) -> None:
-        if self.f:
-            self.f.close()
-
-
 @dataclass
-class ConsoleConfig:
+class Config:
     keys: list[str] | None = None  # metrics shown on the bar (default: a sensible set)
 
 
@@ -45,10 +20,10 @@ SHORT = {"reward/mean": "reward", "loss/total": "loss", "policy/kl_ref": "kl", "
          "policy/clipfrac": "clip", "rewards/accuracies": "acc", "perf/tokens_per_s": "tok/s"}
 
 
-class ConsoleLogger:
-    Config = ConsoleConfig
+class Plugin:
+    Config = Config
 
-    def __init__(self, cfg: ConsoleConfig, name: str = "console") -> None:
+    def __init__(self, cfg: Config, name: str = "console") -> None:
         self.keys = cfg.keys or DEFAULT_KEYS
         self.bar: Any = None
 

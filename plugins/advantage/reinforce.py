@@ -19,7 +19,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
-from rlfuse.plugins.advantage_utils import returns_to_go, sequence_returns, token_rewards
+from rlfuse.plugins.advantage._common import returns_to_go, sequence_returns, token_rewards
 
 
 @dataclass

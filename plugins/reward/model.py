@@ -31,8 +31,8 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
-from rlfuse.plugins.records import Record, encode_answer, encode_prompt, pack, prompt_text
-from rlfuse.plugins.reward_model import STATS_FILE, last_token_index
+from rlfuse.plugins._data.records import Record, encode_answer, encode_prompt, pack, prompt_text
+from rlfuse.plugins.loss.bradley_terry import STATS_FILE, last_token_index
 
 NORMALIZE = ("none", "saved", "batch", "running")
 

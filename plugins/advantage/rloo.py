@@ -18,7 +18,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
-from rlfuse.plugins.advantage_utils import (
+from rlfuse.plugins.advantage._common import (
     broadcast,
     group_index,
     group_stats,

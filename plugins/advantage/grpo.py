@@ -1,7 +1,7 @@
 """``advantage=grpo`` and ``advantage=dr_grpo``: group-normalised advantages (no critic).
 
 Each prompt is sampled ``rollout.n`` times; the rows that share a ``group_id`` form a group
-``g``. With ``R_i`` the sequence return of row i (see :mod:`rlfuse.plugins.advantage_utils`)::
+``g``. With ``R_i`` the sequence return of row i (see :mod:`rlfuse.plugins.advantage._common`)::
 
     grpo     (Shao et al. 2024):  A_i = (R_i - mean_g R) / (std_g R + eps)
     dr_grpo  (Liu et al. 2025):   A_i =  R_i - mean_g R               (no std scaling)
@@ -23,7 +23,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
-from rlfuse.plugins.advantage_utils import broadcast, group_index, group_stats, sequence_returns
+from rlfuse.plugins.advantage._common import broadcast, group_index, group_stats, sequence_returns
 
 
 @dataclass
@@ -73,17 +73,3 @@ class Plugin:
                 "advantage/group_size": float(counts.double().mean()),
             },
         )
-
-
-@dataclass
-class DrConfig(Config):
-    scale_std: bool = False
-
-
-class DrGRPO(Plugin):
-    """``advantage=dr_grpo``: ``A_i = R_i - mean_g R`` (GRPO without the std division)."""
-
-    Config = DrConfig
-
-    def __init__(self, cfg: DrConfig, name: str = "dr_grpo") -> None:
-        super().__init__(cfg, name=name)

@@ -62,7 +62,7 @@ def render_svg(series: dict[str, list[tuple[float, float]]], title: str) -> str:
     return "\n".join(out)
 
 
-class PlotLogger:
+class Plugin:
     def __init__(self, cfg: Any = None, name: str = "plot") -> None:
         self.series: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.path = None

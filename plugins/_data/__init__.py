@@ -1,0 +1,1 @@
+"""Helpers shared by the data-reading plugins (not plugins): JSONL records, resumable streams, preference pairs."""

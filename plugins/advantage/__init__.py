@@ -1,0 +1,1 @@
+"""Advantage estimators: per-token advantages (and returns) from the rewards."""

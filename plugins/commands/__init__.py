@@ -1,0 +1,1 @@
+"""``rlfuse NAME`` sub-commands (entry-point group ``rlfuse.commands``)."""

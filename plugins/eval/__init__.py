@@ -1,0 +1,1 @@
+"""Evaluation plugins: measure the policy before, during and after training."""

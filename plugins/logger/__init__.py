@@ -1,0 +1,1 @@
+"""Logger plugins: where metrics go (``logger=[jsonl,console,plot]``)."""

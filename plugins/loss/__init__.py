@@ -1,0 +1,1 @@
+"""Loss plugins: named loss terms; the core adds them, backpropagates and logs each."""

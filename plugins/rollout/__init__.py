@@ -1,0 +1,1 @@
+"""Rollout plugins: where a step's batch comes from (generation, or a dataset for offline algorithms)."""

@@ -1,0 +1,1 @@
+"""Sync plugins: run after every optimiser step (no-op, parameter averaging with peers, ...)."""
