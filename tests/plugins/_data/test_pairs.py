@@ -1,4 +1,5 @@
-"""rollout=preference_data: pair layout, label rows, errors naming file:line:field."""
+"""Preference pairs (``rlfuse.plugins._data.pairs``): pair layout, label rows, errors naming
+file:line:field."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from rlfuse.models import build_tiny_tokenizer
 from rlfuse.plugins._data.pairs import load_pairs, pair_batch
@@ -82,19 +82,3 @@ def test_long_prompt_truncated_or_rejected(tmp_path):
     item = load_pairs(ctx, f)[0]
     tok = ctx.tokenizer
     assert item.prompt_ids == [tok.bos_token_id] + tok("ghij=", add_special_tokens=False)["input_ids"]
-
-
-def test_rollout_plugin_steps(tmp_path):
-    from rlfuse.plugins.rollout.preference_data import Config, Plugin
-
-    f = write(tmp_path / "p.jsonl", [{"prompt": f"{c}a=", "chosen": "a" + c, "rejected": c} for c in "bcdefg"])
-    ctx = ctx_for(tmp_path)
-    ctx.cfg.data.preferences = f
-    ctx.cfg.seed = 0
-    ctx.device = torch.device("cpu")
-    p = Plugin(Config(batch_size=4))
-    p.setup(ctx)
-    b = p.rollout(ctx, 0)
-    assert len(b) == 8 and b.extras["chosen"][:4].all() and not b.extras["chosen"][4:].any()
-    for i in range(4):  # chosen row i and rejected row 4+i share the prompt
-        assert b.prompts[i] == b.prompts[4 + i]

@@ -1,24 +1,23 @@
-"""algo=reward_model: Bradley-Terry loss, the transformers export, reward=model, training."""
+"""``loss=bradley_terry`` (algo=reward_model): the Bradley-Terry loss, last-token pooling, the
+transformers export that ``reward=model`` loads, and a short training run."""
 
 from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
-from rlfuse.config import ModelConfig
-from rlfuse.models import build_tiny_model, build_tiny_tokenizer, forward
-from rlfuse.plugins._data.records import pack
+from rlfuse.models import forward
 from rlfuse.plugins.loss.bradley_terry import (
     bradley_terry_loss,
     last_token_index,
     pool_last,
     save_reward_model,
 )
+from support import encode_pairs as encode
+from support import tiny_scorer as tiny
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -42,21 +41,6 @@ def test_bradley_terry_hand_computed(dtype):
 def test_last_token_index_any_padding():
     m = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
     assert last_token_index(m).tolist() == [2, 4, 4, 2]
-
-
-def tiny(seed=0):
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(ModelConfig(), tok, seed)
-    head = nn.Linear(model.config.hidden_size, 1, bias=False)
-    torch.manual_seed(seed)
-    nn.init.normal_(head.weight)
-    return model.eval(), head, tok
-
-
-def encode(tok, pairs):
-    ps = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
-    ans = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, a in pairs]
-    return pack(ps, ans, tok.pad_token_id)
 
 
 def test_export_loads_in_transformers_and_scores_match(tmp_path):
@@ -88,41 +72,6 @@ def test_export_loads_in_transformers_and_scores_match(tmp_path):
         n = int(attn[i].sum())
         left[i, -n:], lmask[i, -n:] = ids[i, :n], 1
     torch.testing.assert_close(score_ids(loaded, left, lmask), ours, rtol=1e-4, atol=1e-4)
-
-
-def test_model_reward_plugin_normalises_and_clips(tmp_path):
-    from rlfuse.data import Batch
-    from rlfuse.plugins.reward.model import Config, Plugin
-
-    model, head, tok = tiny()
-    save_reward_model(model, head, tok, tmp_path / "rm", {"mean": 0.5, "std": 2.0})
-    ctx = SimpleNamespace(
-        cfg=SimpleNamespace(data=SimpleNamespace(max_prompt_length=16, truncation="left")),
-        device=torch.device("cpu"), record=lambda m: None,
-    )
-    pairs = [("cba=", "abc"), ("ba=", "ab"), ("edcba=", "abcde"), ("aa=", "aa")]
-    ids, attn, resp = encode(tok, pairs)
-    # the rollout's rows: generated responses may lack EOS; the plugin re-encodes prompt+response+EOS
-    batch = Batch(input_ids=ids, attention_mask=attn, response_mask=resp,
-                  prompts=[p for p, _ in pairs], responses=[a for _, a in pairs],
-                  rows=[{"prompt": p} for p, _ in pairs])
-    with torch.no_grad():
-        raw = head(pool_last(forward(model, batch, hidden=True).hidden, attn)).squeeze(-1)
-
-    def run(**kw):
-        p = Plugin(Config(path=str(tmp_path / "rm"), **kw), name="model")
-        p.setup(ctx)
-        return p.reward(ctx, batch)["model"]
-
-    torch.testing.assert_close(run(normalize="none"), raw, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(run(normalize="saved"), (raw - 0.5) / 2.0, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(run(normalize="batch"), (raw - raw.mean()) / raw.std(), rtol=1e-4, atol=1e-4)
-    clipped = run(normalize="none", clip=0.01)
-    assert clipped.abs().max() <= 0.01 + 1e-7
-    with pytest.raises(ValueError, match="does not exist"):
-        Plugin(Config(path=str(tmp_path / "nope")), name="model")
-    with pytest.raises(ValueError, match="normalize"):
-        Plugin(Config(path=str(tmp_path / "rm"), normalize="zscore"), name="model")
 
 
 @pytest.mark.slow

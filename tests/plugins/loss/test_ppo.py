@@ -1,5 +1,5 @@
 """``loss=ppo`` against a hand-computed case (both clip sides, dual clip, masking, every
-aggregation mode, fp32 and bf16), and the KL controller of ``reward=kl_penalty``."""
+aggregation mode, fp32 and bf16)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rlfuse.manager import PluginError, instantiate, resolve
 
 
 class FakeCtx:
-    """Just what the ppo / kl_penalty plugins use: the policy forward and the reference."""
+    """Just what the ppo plugin uses: the policy forward and the reference."""
 
     def __init__(self, logprobs, entropy=None):
         self.out = ForwardOutput(logprobs=logprobs, entropy=entropy)
@@ -119,41 +119,3 @@ def test_ppo_bad_options_are_errors_naming_the_key():
         ppo(dual_clip=0.5)
     with pytest.raises(PluginError, match="kl_estimator"):
         ppo(kl_estimator="k4")
-
-
-# ------------------------------------------------------------------ KL controller / kl_penalty
-
-
-def test_kl_controller_fixed_and_adaptive():
-    from rlfuse.plugins.reward.kl_penalty import KLController
-
-    fixed = KLController(0.1)
-    assert fixed.update(5.0, 64) == 0.1
-    ctl = KLController(0.1, adaptive=True, target=1.0, horizon=100)
-    # KL 2 is above target: error clipped to +0.2, beta *= 1 + 0.2 * 10 / 100
-    assert ctl.update(2.0, 10) == pytest.approx(0.1 * 1.02)
-    # KL 0.5 is below: error -0.5 clipped to -0.2
-    assert ctl.update(0.5, 10) == pytest.approx(0.1 * 1.02 * 0.98)
-    # KL 1.1: error +0.1, not clipped
-    assert ctl.update(1.1, 50) == pytest.approx(0.1 * 1.02 * 0.98 * 1.05)
-    with pytest.raises(ValueError, match="beta"):
-        KLController(-1.0)
-
-
-def test_kl_penalty_reward_and_state():
-    plugin = instantiate(resolve("kl_penalty"), {"beta": 0.2, "adaptive": True, "target": 1.0, "horizon": 10},
-                         name="kl_penalty", where="reward.kl_penalty")  # fmt: skip
-    _, batch = make()
-    batch.ref_logprobs = batch.old_logprobs - torch.tensor([[0, 0.5, 0.5, 0.5, 9], [0, 1.0, 1.0, 9, 9]])
-    ctx = FakeCtx(None)
-    out = plugin.reward(ctx=ctx, batch=batch)["kl_penalty"]
-    m = torch.tensor(MASK, dtype=torch.float32)
-    want = -0.2 * torch.tensor([[0, 0.5, 0.5, 0.5, 0], [0, 1.0, 1.0, 0, 0]]) * m
-    assert torch.allclose(out, want)
-    # per-sequence KL 1.5 and 2.0, mean 1.75: error clipped to 0.2, beta *= 1 + 0.2 * 2 / 10
-    assert ctx.recorded["kl/ref_kl"] == pytest.approx(1.75) and ctx.recorded["kl/beta"] == 0.2
-    assert plugin.ctl.beta == pytest.approx(0.2 * 1.04)
-    state = plugin.save_state()
-    other = instantiate(resolve("kl_penalty"), {"beta": 0.2}, name="kl_penalty", where="reward.kl_penalty")
-    other.load_state(state=state)
-    assert other.ctl.beta == pytest.approx(0.2 * 1.04)

@@ -1,91 +1,58 @@
-"""Several rewards at once: ``reward=[rule,length]`` with per-component weights, per-reward
-metrics, and reward functions that receive the prompt row's other dataset columns."""
+"""``reward=rule``: a Python function named in config scores each response; it receives the
+prompt row's other dataset columns; ``batched: true`` calls it once per batch."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
-import torch
-from hydra import compose, initialize_config_module
 
-from rlfuse import trainer
-from rlfuse.config import register_configs
-from rlfuse.data import Batch
-from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
-
-register_configs()
+from rlfuse.manager import PluginError, instantiate, resolve
+from support import text_batch
 
 
-def text_batch(prompts, responses, rows):
-    B = len(responses)
-    mask = torch.zeros(B, 8)
-    for i, r in enumerate(responses):
-        mask[i, 2 : 2 + min(len(r), 6)] = 1
-    return Batch(input_ids=torch.zeros(B, 8, dtype=torch.long), attention_mask=torch.ones(B, 8, dtype=torch.long),
-                 response_mask=mask, prompts=prompts, responses=responses, rows=rows)  # fmt: skip
-
-
-class Ctx:
-    def __init__(self, pm, weights):
-        self.hook, self.reward_weights = pm.hook, weights
-
-
-def load(overrides):
-    with initialize_config_module("rlfuse.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    pm = PluginManager()
-    return cfg, pm, trainer.load_plugins(cfg, pm)
+def rule(**options):
+    return instantiate(resolve("rule"), options, name="rule", where="reward.rule")
 
 
 def test_rule_reward_receives_the_rows_columns():
     # the `target` column disagrees with the prompt on purpose: only a function that was given
     # the column scores "xyz" as right
-    plugin = instantiate(resolve("rule"), {"function": "rlfuse.plugins.tasks.sort_letters:reward"},
-                         name="rule", where="reward.rule")  # fmt: skip
+    plugin = rule(function="rlfuse.plugins.tasks.sort_letters:reward")
     batch = text_batch(["cba=", "cba="], ["xyz", "abc"], [{"prompt": "cba=", "target": "xyz"}, {"prompt": "cba="}])
     assert plugin.reward(batch=batch)["rule"].tolist() == [1.0, 1.0]
-    again = instantiate(resolve("rule"), {"function": "rlfuse.plugins.tasks.sort_letters:reward"},
-                          name="rule", where="reward.rule")  # fmt: skip
+    again = rule(function="rlfuse.plugins.tasks.sort_letters:reward")
     assert again.reward(batch=text_batch(["cba="], ["abc"], [{"prompt": "cba=", "target": "xyz"}]))["rule"].tolist() == [0.0]
 
 
-@pytest.mark.parametrize("mode,want", [("abs", [0.0, -0.5, -1 / 3, -0.5]), ("over", [0.0, 0.0, -1 / 3, 0.0])])
-def test_length_reward_hand_computed(mode, want):
-    plugin = instantiate(resolve("length"), {"column": "target", "mode": mode}, name="length", where="reward.length")
-    rows = [{"target": "abcd"}, {"target": "abcd"}, {"target": "abc"}, {"target": "ab"}]
-    out = plugin.reward(batch=text_batch(["p"] * 4, ["abcd", "ab", "abcd", "a"], rows))["length"]
-    assert out.tolist() == pytest.approx(want)
-    fixed = instantiate(resolve("length"), {"target": 4, "unit": "tokens"}, name="length", where="reward.length")
-    # token unit: masked response tokens (capped at 6 by text_batch), wanted 4
-    got = fixed.reward(batch=text_batch(["p"] * 2, ["abcdefgh", "abcd"], [{}, {}]))["length"]
-    assert got.tolist() == pytest.approx([-0.5, 0.0])
+def test_batched_function_gets_lists(tmp_path, monkeypatch):
+    (tmp_path / "my_scores.py").write_text(
+        "calls = []\n"
+        "def score(prompts, responses, target, **kw):\n"
+        "    calls.append(len(responses))\n"
+        "    return [float(r == t) + 0.5 * len(p) for p, r, t in zip(prompts, responses, target)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = rule(function="my_scores:score", batched=True)
+    rows = [{"prompt": "ba=", "target": "ab"}, {"prompt": "cba=", "target": "abc"}, {"prompt": "a=", "target": "a"}]
+    got = plugin.reward(batch=text_batch([r["prompt"] for r in rows], ["ab", "acb", "a"], rows))["rule"]
+    assert got.tolist() == [2.5, 2.0, 2.0]
+    assert sys.modules["my_scores"].calls == [3]  # one call for the whole batch
 
 
-def test_length_reward_errors_name_the_problem():
-    with pytest.raises(PluginError, match="reward.length"):
-        instantiate(resolve("length"), {}, name="length", where="reward.length")
-    plugin = instantiate(resolve("length"), {"column": "answer"}, name="length", where="reward.length")
-    with pytest.raises(ValueError, match="no column 'answer'"):
-        plugin.reward(batch=text_batch(["p"], ["a"], [{"target": "ab"}]))
+def test_wrong_number_of_scores_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "short_scores.py").write_text("def score(prompts, responses, **kw):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = rule(function="short_scores:score", batched=True)
+    with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
+        plugin.reward(batch=text_batch(["a=", "b="], ["a", "b"], [{}, {}]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weighted_multi_reward_through_the_core(dtype):
-    cfg, pm, weights = load(["algo=grpo", "reward=[rule,length]", "reward.length.weight=0.25", "reward.rule.weight=2.0"])
-    assert weights == {"rule": 2.0, "length": 0.25}
-    rows = [{"prompt": "dcba=", "target": "abcd"}, {"prompt": "cba=", "target": "abc"}, {"prompt": "ba=", "target": "ab"}]
-    batch = text_batch([r["prompt"] for r in rows], ["abcd", "ab", "abba"], rows)
-    metrics: dict[str, float] = {}
-    trainer._apply_rewards(Ctx(pm, weights), batch, metrics)
-    rule = torch.tensor([1.0, 2 / 3, 0.5])  # sort_letters.score: matches over the longer length
-    length = torch.tensor([0.0, -1 / 3, -1.0])
-    assert torch.allclose(batch.rewards, 2.0 * rule + 0.25 * length)
-    assert metrics["reward/rule/mean"] == pytest.approx(float(rule.mean()))
-    assert metrics["reward/length/mean"] == pytest.approx(float(length.mean()))
-    assert metrics["reward/mean"] == pytest.approx(float((2.0 * rule + 0.25 * length).mean()))
-    # advantages see the weighted sum
-    adv_plugin = instantiate(resolve("dr_grpo"), {}, name="dr_grpo", where="advantage")
-    batch.group_ids = torch.tensor([0, 0, 0])
-    batch.rewards = batch.rewards.to(dtype)
-    adv = adv_plugin.advantage(ctx=None, batch=batch).advantages
-    total = (2.0 * rule + 0.25 * length).to(dtype).double()
-    assert adv[0, 2].item() == pytest.approx(float(total[0] - total.mean()), abs=1e-6)
+@pytest.mark.parametrize(
+    "spec, msg",
+    [("no_colon", "expected 'module:function'"), ("no_such_module_xyz:f", "cannot import module"),
+     ("rlfuse.plugins.tasks.sort_letters:nope", "has no attribute 'nope'")],
+)  # fmt: skip
+def test_bad_function_is_an_error_naming_the_key(spec, msg):
+    with pytest.raises(PluginError, match=f"reward.rule.function.*{msg}"):
+        rule(function=spec)
