@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from rlfuse import hookimpl
-from rlfuse.plugins._sampling import SamplingConfig, sample
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins._rules import call_rule, load_function
+from rlfuse.plugins._sampling import SamplingConfig, sample
 
 
 @dataclass

@@ -10,7 +10,6 @@ list of floats. Accept ``**kwargs`` to ignore columns you do not use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
