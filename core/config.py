@@ -132,4 +132,11 @@ def check(cfg: Any) -> None:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="rlfuse_schema", node=RlfuseConfig)
+    """Store the root schema and, under ``plugin_defaults/<name>``, every installed plugin's
+    defaults (from its ``Config`` dataclass; see :func:`rlfuse.manager.plugin_defaults`)."""
+    from rlfuse.manager import plugin_defaults
+
+    cs = ConfigStore.instance()
+    cs.store(name="rlfuse_schema", node=RlfuseConfig)
+    for name, node in plugin_defaults().items():
+        cs.store(group="plugin_defaults", name=name, node=node)

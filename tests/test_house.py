@@ -62,15 +62,25 @@ def test_every_hook_is_documented_and_called_by_a_test():
 
 def plugin_of(group: str, option: str) -> str | None:
     """The ``plugin:`` an option file selects: top level (rollout, advantage, sync) or under
-    the option's own key (reward, loss, logger, eval); None for an empty selection."""
+    the option's own key (reward, loss, logger, eval); None for an empty selection. The file
+    builds on the plugin's ``Config`` defaults (``/plugin_defaults/<plugin>`` in its defaults
+    list), so a default is written once, in the dataclass."""
     node = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+    defaults = node.pop("defaults", [])
     if "plugin" in node:
-        return node["plugin"]
-    sections = [v for v in node.values() if isinstance(v, dict) and "plugin" in v]
-    assert len(sections) <= 1, f"conf/{group}/{option}.yaml selects several plugins"
-    if sections:
-        assert list(node) == [option], f"conf/{group}/{option}.yaml: its section must be named '{option}'"
-    return sections[0]["plugin"] if sections else None
+        plugin = node["plugin"]
+    else:
+        sections = [v for v in node.values() if isinstance(v, dict) and "plugin" in v]
+        assert len(sections) <= 1, f"conf/{group}/{option}.yaml selects several plugins"
+        if sections:
+            assert list(node) == [option], f"conf/{group}/{option}.yaml: its section must be named '{option}'"
+        plugin = sections[0]["plugin"] if sections else None
+    if plugin is not None:
+        wanted = f"/plugin_defaults/{plugin}"
+        assert any(isinstance(d, str) and d.split("@")[0] == wanted for d in defaults), (
+            f"conf/{group}/{option}.yaml must build on {wanted} (its defaults list is {defaults})"
+        )
+    return plugin
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -110,13 +120,12 @@ def test_nothing_is_left_without_its_option():
 # ------------------------------------------------------------------ every preset, one tiny step
 
 # Applied where the preset's composed config has the key (a pipeline passes them on to the
-# stages that have it); `++` ones (keys the YAML files leave to the plugin's Config) where the
-# section exists, single-stage presets only.
+# stages that have it).
 TINY = [
     "trainer.max_steps=1", "trainer.epochs=1", "trainer.eval_every=0", "trainer.progress=false",
     "algo.warmup=null", "rollout.batch_size=4", "rollout.n=2", "rollout.max_new_tokens=6",
     "eval.task.num_prompts=4", "eval.task.max_new_tokens=6", "loss.dpo.eval_pairs=4", "loss.bradley_terry.eval_pairs=4",
-    "++loss.bradley_terry.stats_pairs=8",
+    "loss.bradley_terry.stats_pairs=8",
     # few rows: the 200-row held-out files stand in for the 3000-4000-row training files
     "data.preferences=pkg://rlfuse.plugins/tasks/data/preferences_eval.jsonl",
     "data.prompts=pkg://rlfuse.plugins/tasks/data/prompts_eval.jsonl",
@@ -128,11 +137,7 @@ def tiny_overrides(preset: str) -> list[str]:
     cfg = compose([f"algo={preset}"])
     out = [f"algo={preset}"]
     for o in TINY:
-        key = o.split("=", 1)[0].lstrip("+")
-        if o.startswith("++"):
-            if not cfg.algo.stages and OmegaConf.select(cfg, key.rsplit(".", 1)[0], default=None) is not None:
-                out.append(o)
-        elif OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
+        if OmegaConf.select(cfg, o.split("=", 1)[0], default="<absent>") != "<absent>":
             out.append(o)
     return out
 

@@ -105,7 +105,7 @@ def test_kl_term_and_entropy_bonus_hand_computed():
     out = plugin.loss(ctx=FakeCtx(lp, ent), batch=batch)
     k3 = math.exp(-0.5) + 0.5 - 1  # exp(ref - logp) - (ref - logp) - 1
     assert float(out.terms["policy"].detach()) == pytest.approx(0.1 * k3 - 0.01 * 2.0, abs=1e-6)
-    assert float(out.metrics["policy/kl_ref"]) == pytest.approx(k3, abs=1e-6)
+    assert float(out.metrics["kl/ref_token"]) == pytest.approx(k3, abs=1e-6)
     out.terms["policy"].backward()
     m = torch.tensor(MASK, dtype=torch.float32)
     assert torch.allclose(lp.grad, 0.1 * (1 - math.exp(-0.5)) * m / 5, atol=1e-7)

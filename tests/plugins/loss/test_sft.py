@@ -33,7 +33,7 @@ def test_nll_of_response_tokens_hand_computed():
     plugin = instantiate(resolve("sft"), {}, name="sft", where="loss.sft")
     out = plugin.loss(ctx=FakeCtx(lp, ent), batch=batch({"tokens": 3.0}))
     assert float(out.terms["sft"].detach()) == pytest.approx((1.0 + 2.0 + 0.5) / 3)
-    assert float(out.metrics["sft/nll"]) == pytest.approx(3.5 / 3)
+    assert float(out.metrics["policy/nll"]) == pytest.approx(3.5 / 3)
     assert float(out.metrics["policy/entropy"]) == pytest.approx((1.0 + 2.0 + 3.0) / 3)
     out.terms["sft"].backward()
     assert torch.equal(lp.grad, -torch.tensor(MASK, dtype=torch.float32) / 3)
@@ -45,4 +45,4 @@ def test_divides_by_the_mini_batch_token_count():
     plugin = instantiate(resolve("sft"), {}, name="sft", where="loss.sft")
     out = plugin.loss(ctx=FakeCtx(lp, torch.zeros(2, 4)), batch=batch({"tokens": 12.0}))
     assert float(out.terms["sft"]) == pytest.approx(3.5 / 12)
-    assert float(out.metrics["sft/nll"]) == pytest.approx(3.5 / 3)  # the metric is this batch's mean
+    assert float(out.metrics["policy/nll"]) == pytest.approx(3.5 / 3)  # the metric is this batch's mean

@@ -63,8 +63,7 @@ def test_kl_penalty_reward_and_state():
     want = -0.2 * torch.tensor([[0, 0.5, 0.5, 0.5, 0], [0, 1.0, 1.0, 0, 0]]) * m
     assert torch.allclose(out, want)
     # per-sequence KL 1.5 and 2.0, mean 1.75: error clipped to 0.2, beta *= 1 + 0.2 * 2 / 10
-    kl_key = "kl/ref" if "kl/ref" in ctx.recorded else "kl/ref_kl"  # renamed to kl/ref (issue 8)
-    assert ctx.recorded[kl_key] == pytest.approx(1.75) and ctx.recorded["kl/beta"] == 0.2
+    assert ctx.recorded["kl/ref"] == pytest.approx(1.75) and ctx.recorded["kl/beta"] == 0.2
     assert plugin.ctl.beta == pytest.approx(0.2 * 1.04)
     state = plugin.save_state()
     other = instantiate(resolve("kl_penalty"), {"beta": 0.2}, name="kl_penalty", where="reward.kl_penalty")
