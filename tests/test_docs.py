@@ -99,3 +99,34 @@ def test_plugin_index_links_every_page():
     missing = [str(p.relative_to(ROOT / "docs" / "plugins")) for p in PAGES
                if p.name != "README.md" and f"({p.relative_to(ROOT / 'docs' / 'plugins')})" not in index]  # fmt: skip
     assert not missing, f"docs/plugins/README.md does not link {missing}"
+
+
+def metric_keys_in_source(path: Path) -> set[str]:
+    """Metric keys a plugin module writes as string literals (``"policy/clipfrac"``), and
+    f-string templates (``f"reward/{self.name}/raw_mean"``) with each ``{...}`` as ``{}``."""
+    from rlfuse.metrics import NAMESPACES
+
+    ns = "|".join(NAMESPACES)
+    text = path.read_text()
+    keys = set(re.findall(rf'(?<![f\w])"((?:{ns})/[a-z_/]+)"', text))
+    keys |= {re.sub(r"\{[^}]*\}", "{}", k) for k in re.findall(rf'f"((?:{ns})/[^"]*)"', text)}
+    return keys
+
+
+def named_in(key: str, text: str) -> bool:
+    """``key`` (a template's fixed parts, in order, the first one opening a code span) is in ``text``."""
+    head, *rest = key.split("{}")
+    pattern = re.escape(f"`{head}") + "".join(r"[^`\s]*" + re.escape(part) for part in rest)
+    return re.search(pattern, text) is not None
+
+
+@pytest.mark.parametrize("name,value", [(n, v) for n, v in PLUGINS if ".logger." not in v])
+def test_every_metric_key_of_a_plugin_is_documented(name, value):
+    """Loggers are left out: they name keys they show, not keys they log."""
+    module = ROOT / "plugins" / Path(*value.removeprefix("rlfuse.plugins.").split(".")).with_suffix(".py")
+    page, metrics_md = page_of(value).read_text(), (ROOT / "docs" / "metrics.md").read_text()
+    keys = metric_keys_in_source(module)
+    missing = sorted(k for k in keys if not named_in(k, page))
+    assert not missing, f"{page_of(value).relative_to(ROOT)} does not name the metric(s) {missing}"
+    missing = sorted(k for k in keys if not named_in(k, metrics_md) and not k.endswith(("_before", "_after")))
+    assert not missing, f"docs/metrics.md does not name the metric(s) {missing} of plugin '{name}'"
