@@ -134,3 +134,11 @@ def encode_pairs(tok, pairs):
     ps = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
     ans = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, a in pairs]
     return pack(ps, ans, tok.pad_token_id)
+
+
+def load_plugins(cfg, pm):
+    """Register the plugins a composed config selects; returns the reward weights (the core's
+    own loader: ``rlfuse.manager.load_plugins``, formerly ``rlfuse.trainer.load_plugins``)."""
+    from rlfuse import manager, trainer
+
+    return (getattr(manager, "load_plugins", None) or trainer.load_plugins)(cfg, pm)

@@ -3,16 +3,15 @@ registered and the trainer leaves ``batch.advantages`` unset."""
 
 from __future__ import annotations
 
-from rlfuse import trainer
 from rlfuse.manager import PluginManager
-from support import compose
+from support import compose, load_plugins
 
 
 def test_none_selects_no_plugin():
     cfg = compose(["algo=ppo", "advantage=none"])
     assert not cfg.advantage or "plugin" not in cfg.advantage
     pm = PluginManager()
-    trainer.load_plugins(cfg, pm)
+    load_plugins(cfg, pm)
     assert pm.hook.advantage.get_hookimpls() == []
     assert pm.hook.advantage(ctx=None, batch=None) is None  # first-result hook: nobody answers
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from rlfuse import trainer
 from rlfuse.config import register_configs
 from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
-from support import text_batch
+from support import load_plugins, text_batch
 
 register_configs()
 
@@ -24,7 +24,7 @@ def load(overrides):
     with initialize_config_module("rlfuse.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     pm = PluginManager()
-    return cfg, pm, trainer.load_plugins(cfg, pm)
+    return cfg, pm, load_plugins(cfg, pm)
 
 
 @pytest.mark.parametrize("mode,want", [("abs", [0.0, -0.5, -1 / 3, -0.5]), ("over", [0.0, 0.0, -1 / 3, 0.0])])

@@ -12,14 +12,14 @@ import torch
 
 from rlfuse import models, trainer
 from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
-from support import compose
+from support import compose, load_plugins
 
 
 def make_ctx(overrides):
     cfg = compose(["algo=grpo", "eval=[]", "logger=[]", "reward=[]", *overrides])
     pm = PluginManager()
     ctx = trainer.Context(cfg, Path(tempfile.mkdtemp()), pm)
-    trainer.load_plugins(cfg, pm)
+    load_plugins(cfg, pm)
     ctx.tokenizer = models.load_tokenizer(cfg.model)
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed)
     ctx.hook.setup(ctx=ctx)
