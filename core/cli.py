@@ -23,10 +23,12 @@ register_configs()
 
 @hydra.main(config_path="pkg://rlfuse.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> Any:
+    from rlfuse import runinfo
     from rlfuse.pipeline import run
     from rlfuse.report import print_summary
 
     hc = HydraConfig.get()
+    runinfo.set_current(runinfo.from_hydra(hc))  # ctx.run_info: sweep group, job overrides
     summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
     print_summary(summary, cfg.run_dir or hc.runtime.output_dir)
     return summary
@@ -38,6 +40,9 @@ def commands() -> dict[str, Any]:
 
 
 def main() -> None:
+    from rlfuse.help import handle_help
+
+    handle_help(sys.argv)  # `rlfuse --help` (rlfuse's own) exits; `--hydra-help` becomes Hydra's
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and "=" not in sys.argv[1]:
         cmds = commands()
         if sys.argv[1] not in cmds:

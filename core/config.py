@@ -132,4 +132,8 @@ def check(cfg: Any) -> None:
 
 
 def register_configs() -> None:
+    """The schema in Hydra's ConfigStore, and plugin packages' config files on its search path."""
+    from rlfuse import searchpath
+
     ConfigStore.instance().store(name="rlfuse_schema", node=RlfuseConfig)
+    searchpath.enable()
