@@ -25,13 +25,13 @@ register_configs()
 def _hydra_main(cfg: DictConfig) -> Any:
     from rlfuse import runinfo
     from rlfuse.pipeline import run
-    from rlfuse.report import print_summary
+    from rlfuse.report import objective, print_summary
 
     hc = HydraConfig.get()
     runinfo.set_current(runinfo.from_hydra(hc))  # ctx.run_info: sweep group, job overrides
     summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
     print_summary(summary, cfg.run_dir or hc.runtime.output_dir)
-    return summary
+    return objective(summary, cfg.get("objective"))
 
 
 def commands() -> dict[str, Any]:

@@ -98,6 +98,7 @@ class KernelsConfig:
 class RlfuseConfig:
     seed: int = 0
     run_dir: str | None = None  # default: Hydra's output dir (hydra.run.dir)
+    objective: str | None = None  # a summary key the job returns to Hydra (Optuna & co. optimise it)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
