@@ -13,7 +13,8 @@ Every W&B call of rlfuse is in this file. On global rank 0 only, at ``setup``:
   ``network_timeout`` seconds, the run is written offline and one line says how to upload it
   (``wandb sync DIR``). ``WANDB_MODE=offline|disabled`` is honoured;
 * the W&B run id is stored in ``<run_dir>/wandb_run_id``: a resumed run
-  (``trainer.resume=true``) continues the same W&B run (``resume="allow"``).
+  (``trainer.resume=true``) continues the same W&B run (``resume="allow"``); under
+  ``wandb agent`` the run is the one the agent created (``WANDB_RUN_ID``).
 
 Then ``log`` sends each step's metrics (the fixed ``namespace/name`` keys) against one x-axis,
 ``step`` (the training step; evaluations share the step they follow). Every ``samples_every``
@@ -204,7 +205,8 @@ class Plugin:
         self.run_dir = Path(ctx.run_dir)
         id_file = self.run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if ctx.cfg.trainer.resume and id_file.exists() else None
-        run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        # under `wandb agent` the agent has created the run: WANDB_RUN_ID names it
+        run_id = run_id or os.environ.get("WANDB_RUN_ID") or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id + "\n")
         info = ctx.run_info
         picked = choices(ctx.cfg)
