@@ -10,12 +10,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-from support import FAST, compose, run_job
 
 from rlfuse import searchpath
 from rlfuse.manager import PluginError, available_plugins, resolve
 from rlfuse.plugins.commands import plugins as plugins_cmd
 from rlfuse.plugins.commands import sweep
+from support import compose, run_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "rlfuse-brevity"
 
@@ -64,9 +64,9 @@ def test_installed_package_is_selected_by_group_equals_option(with_example, tmp_
 
 def test_median_baseline_is_robust_to_one_outlier(with_example):
     import torch
+    from rlfuse_brevity.median_baseline import Config, Plugin
 
     from rlfuse import Batch
-    from rlfuse_brevity.median_baseline import Config, Plugin
 
     ones = torch.ones(5, 3)
     batch = Batch(input_ids=ones.long(), attention_mask=ones.long(), response_mask=ones,

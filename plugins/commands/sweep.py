@@ -120,7 +120,8 @@ def check(path: Path, limit: int = 256) -> tuple[int, list[tuple[str, str]]]:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from rlfuse.config import check as check_top, register_configs
+    from rlfuse.config import check as check_top
+    from rlfuse.config import register_configs
 
     spec = load(path)
     fixed = fixed_overrides(spec, path)

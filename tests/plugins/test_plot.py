@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import FAST, run_job
 
 from rlfuse.plugins.commands import plot
+from support import FAST, run_job
 
 pytest.importorskip("matplotlib")
 PNG = b"\x89PNG\r\n\x1a\n"

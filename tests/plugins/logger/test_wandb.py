@@ -11,12 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from support import FAST, compose, run_job
 
 from rlfuse import hookimpl
 from rlfuse.manager import PluginError, PluginManager
 from rlfuse.plugins.logger.wandb import Config, Plugin, read_offline_run, resolve_mode
 from rlfuse.runinfo import RunInfo
+from support import FAST, compose, run_job
 
 ROOT = Path(__file__).resolve().parents[3]
 WANDB = ["logger=[jsonl,wandb]", "+logger.wandb.samples_every=1", "+logger.wandb.samples_rows=4"]
@@ -85,9 +85,9 @@ def test_resume_continues_the_same_run(resumed):
     assert [h["step"] for h in again["history"] if "reward/mean" in h] == [3]
 
 
-def _ctx(tmp_path, info=RunInfo()):
+def _ctx(tmp_path, info=None):
     cfg = compose(FAST + ["logger=[wandb]"])
-    return SimpleNamespace(cfg=cfg, run_dir=tmp_path, run_info=info, batch=None)
+    return SimpleNamespace(cfg=cfg, run_dir=tmp_path, run_info=info or RunInfo(), batch=None)
 
 
 def test_an_exception_in_a_hook_finishes_the_run_as_failed(tmp_path):
