@@ -28,8 +28,8 @@ def _hydra_main(cfg: DictConfig) -> Any:
     from rlfuse.report import objective, print_summary
 
     hc = HydraConfig.get()
-    runinfo.set_current(runinfo.from_hydra(hc))  # ctx.run_info: sweep group, job overrides
-    summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
+    with runinfo.of_job(hc):  # ctx.run_info: the sweep's group, the job's overrides
+        summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
     print_summary(summary, cfg.run_dir or hc.runtime.output_dir)
     return objective(summary, cfg.get("objective"))
 

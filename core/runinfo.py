@@ -8,7 +8,9 @@ groups its runs with it -- so no plugin needs to import Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,17 @@ def current() -> RunInfo:
 def set_current(info: RunInfo) -> None:
     global _current
     _current = info
+
+
+@contextlib.contextmanager
+def of_job(hc: Any) -> Iterator[RunInfo]:
+    """Make the Hydra job's run info current while the job runs (then the previous one again)."""
+    global _current
+    before, _current = _current, from_hydra(hc)
+    try:
+        yield _current
+    finally:
+        _current = before
 
 
 def from_hydra(hc: Any) -> RunInfo:

@@ -46,6 +46,7 @@ def resumed(tmp_path_factory):
     return run_dir, first, files, run_files(run_dir)
 
 
+@pytest.mark.slow
 def test_offline_run_holds_config_history_and_samples(resumed):
     run_dir, summary, files, _ = resumed
     assert len(files) == 1
@@ -77,6 +78,7 @@ def test_offline_run_holds_config_history_and_samples(resumed):
     assert run["summary"]["eval/reward_after"] == pytest.approx(summary["eval/reward_after"])
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(resumed):
     run_dir, _, files, after = resumed
     assert len(after) == 2
@@ -109,6 +111,7 @@ def test_an_exception_in_a_hook_finishes_the_run_as_failed(tmp_path):
     assert run["group"] == "2026-01-01/10-00-00" and run["name"] == "seed=1" and "seed=1" in run["tags"]
 
 
+@pytest.mark.slow
 def test_auto_mode_without_key_goes_offline_without_prompting(tmp_path):
     """No API key, no netrc, stdin closed: one line on how to sync, and the run is written."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -121,14 +124,20 @@ def test_auto_mode_without_key_goes_offline_without_prompting(tmp_path):
         f"ctx = SimpleNamespace(cfg=compose(FAST), run_dir=__import__('pathlib').Path({str(tmp_path)!r}), run_info=RunInfo(), batch=None)\n"
         "p = Plugin(Config(mode='auto', network_timeout=1.0))\n"
         "p.setup(ctx); p.log(ctx, 1, {'reward/mean': 0.5, 'step': 1}); p.teardown({'steps': 1})\n"
+        # a second run that never reaches teardown (an error in the loop itself): the atexit guard
+        f"ctx.run_dir = __import__('pathlib').Path({str(tmp_path / 'crash')!r}); ctx.run_dir.mkdir()\n"
+        "Plugin(Config(mode='offline')).setup(ctx)\n"
+        "raise SystemExit(3)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], env=env, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 3, out.stderr[-3000:]
     hint = [line for line in out.stderr.splitlines() if line.startswith("[rlfuse] W&B offline")]
-    assert len(hint) == 1 and "no W&B API key" in hint[0] and "wandb sync" in hint[0]
+    assert len(hint) == 2  # one line per run: the auto one, then the forced-offline one
+    assert "no W&B API key" in hint[0] and f"wandb sync {tmp_path}" in hint[0]
     run = read_run(run_files(tmp_path)[0])
     assert run["exit_code"] == 0 and run["history"][0]["reward/mean"] == 0.5
+    assert read_run(run_files(tmp_path / "crash")[0])["exit_code"] == 1
 
 
 def test_mode_resolution(monkeypatch, tmp_path):
@@ -159,6 +168,9 @@ def test_multirun_makes_one_run_per_job_in_one_group(tmp_path, monkeypatch):
         cli.main()
     finally:
         GlobalHydra.instance().clear()
+    from rlfuse import runinfo
+
+    assert runinfo.current() == runinfo.RunInfo()  # the jobs' run info does not outlive them
     runs = [read_run(f) for job in ("0", "1") for f in run_files(sweep / job)]
     assert len(runs) == 2 and runs[0]["id"] != runs[1]["id"]
     assert {r["group"] for r in runs} == {"sweep"}
