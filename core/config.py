@@ -133,8 +133,14 @@ def check(cfg: Any) -> None:
 
 
 def register_configs() -> None:
-    """The schema in Hydra's ConfigStore, and plugin packages' config files on its search path."""
+    """Store the root schema and, under ``plugin_defaults/<name>``, every installed plugin's
+    defaults (from its ``Config`` dataclass; see :func:`rlfuse.manager.plugin_defaults`); put
+    plugin packages' config files on Hydra's search path (:mod:`rlfuse.searchpath`)."""
     from rlfuse import searchpath
+    from rlfuse.manager import plugin_defaults
 
-    ConfigStore.instance().store(name="rlfuse_schema", node=RlfuseConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="rlfuse_schema", node=RlfuseConfig)
+    for name, node in plugin_defaults().items():
+        cs.store(group="plugin_defaults", name=name, node=node)
     searchpath.enable()

@@ -89,6 +89,32 @@ def resolve(name: str) -> Any:
     return obj
 
 
+def plugin_defaults() -> dict[str, dict[str, Any]]:
+    """Entry-point name -> ``{"plugin": name, **defaults of its Config}`` for every installed
+    plugin that declares a ``Config`` dataclass.
+
+    The config tree builds each option's section on these (``conf/<group>/<option>.yaml``
+    lists ``/plugin_defaults/<option>`` in its defaults), so a plugin's defaults are written
+    once, in its dataclass, yet ``rlfuse --cfg job`` shows them and ``group.key=value``
+    overrides them. A plugin that fails to import is left out here; selecting it reports
+    the import error.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for ep in enabled_entry_points(GROUP):
+        try:
+            obj = ep.load()
+        except Exception:  # noqa: BLE001 - reported when the plugin is selected
+            continue
+        if inspect.ismodule(obj) and isinstance(getattr(obj, "Plugin", None), type):
+            obj = obj.Plugin
+        schema = getattr(obj, "Config", None)
+        fields: dict[str, Any] = {}
+        if schema is not None and dataclasses.is_dataclass(schema):
+            fields = OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)  # type: ignore[assignment]
+        out[ep.name] = {"plugin": ep.name, **fields}
+    return out
+
+
 def _unknown(name: str) -> str:
     names = ", ".join(sorted(available_plugins())) or "(none installed)"
     return (
@@ -145,6 +171,8 @@ def validate(schema: type, options: dict[str, Any] | DictConfig, *, where: str) 
         at = f"{where}.{key}" if key else where
         msg = str(e).splitlines()[0]
         raise PluginError(f"Config error at '{at}': {msg}") from None
+    except (ValueError, TypeError) as e:  # the dataclass's own checks (__post_init__)
+        raise PluginError(f"Config error at '{where}': {e}") from None
 
 
 class PluginManager(pluggy.PluginManager):

@@ -91,11 +91,11 @@ def test_loss_matches_preference_loss_on_summed_logps(loss_type):
     else:
         want = preference_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type).mean()
     torch.testing.assert_close(out.terms["dpo"].detach(), want, rtol=1e-5, atol=1e-6)
-    assert set(out.metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                                "logps/chosen", "logps/rejected"}
-    torch.testing.assert_close(out.metrics["logps/chosen"], pc.mean(), rtol=1e-5, atol=1e-5)
+    assert set(out.metrics) == {"pref/chosen", "pref/rejected", "pref/margin", "pref/accuracy",
+                                "pref/logp_chosen", "pref/logp_rejected"}
+    torch.testing.assert_close(out.metrics["pref/logp_chosen"], pc.mean(), rtol=1e-5, atol=1e-5)
     if loss_type != "simpo":
-        torch.testing.assert_close(out.metrics["rewards/margins"], (0.3 * ((pc - rc) - (pr - rr))).mean(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.metrics["pref/margin"], (0.3 * ((pc - rc) - (pr - rr))).mean(), rtol=1e-4, atol=1e-5)
     out.terms["dpo"].backward()  # one graph through the single concatenated forward
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.policy.parameters())
 
@@ -117,7 +117,7 @@ def test_reference_cached_and_precomputed():
     pre = Plugin(Config(beta=0.1, precompute_reference=True))
     pre.setup(ctx2)
     got = pre.loss(ctx2, pair_batch(its[:3], ctx2.tokenizer, 32, "cpu")).terms["dpo"]
-    assert ctx2._reference is None and ctx2.metrics["dpo/precomputed_pairs"] == 6  # reference freed
+    assert ctx2._reference is None and ctx2.metrics["pref/precomputed_pairs"] == 6  # reference freed
     sub = b.select([0, 1, 2, 6, 7, 8])
     sub.totals = {"sequences": 6.0}
     assert got.item() == pytest.approx(plugin.loss(ctx, sub).terms["dpo"].item(), rel=1e-5)
@@ -145,6 +145,6 @@ def test_dpo_raises_implicit_reward_accuracy(tmp_path):
     sft = run_job(["algo=sft", "trainer.max_steps=60", "trainer.progress=false", "eval.task.num_prompts=16"], tmp_path / "sft")
     s = run_job(["algo=dpo", f"model.name_or_path={sft['final_policy']}", "trainer.max_steps=25", "trainer.eval_every=0",
                  "trainer.progress=false", "eval.task.num_prompts=16"], tmp_path / "dpo")
-    assert s["eval/rewards/accuracies_before"] == pytest.approx(0.5)  # policy == reference
-    assert s["eval/rewards/accuracies_after"] >= 0.6, s
-    assert s["last"]["rewards/margins"] > 0
+    assert s["eval/pref/accuracy_before"] == pytest.approx(0.5)  # policy == reference
+    assert s["eval/pref/accuracy_after"] >= 0.6, s
+    assert s["last"]["pref/margin"] > 0

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from rlfuse.data import Batch
-from rlfuse.plugins.advantage.gae import gae, token_rewards, whiten
+from rlfuse.plugins.advantage._common import masked_whiten as whiten
+from rlfuse.plugins.advantage._common import token_rewards
+from rlfuse.plugins.advantage.gae import gae
 
 
 def gae_reference(rewards: list[float], values: list[float], gamma: float, lam: float):
@@ -67,7 +69,7 @@ def test_sequence_reward_goes_on_the_last_response_token():
     b = Batch(input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long),
               response_mask=m, rewards=torch.tensor([1.0, 2.0]), token_rewards=tok)  # fmt: skip
     want = torch.tensor([[0.0, -0.1, 0.8, 0.0], [0.0, 0.0, 0.3, 2.0]])
-    assert torch.allclose(token_rewards(b), want)  # padding token reward 5.0 is dropped
+    assert torch.allclose(token_rewards(b).float(), want)  # padding token reward 5.0 is dropped
 
 
 def test_whiten_masked():

@@ -105,7 +105,7 @@ def test_kl_term_and_entropy_bonus_hand_computed():
     out = plugin.loss(ctx=FakeCtx(lp, ent), batch=batch)
     k3 = math.exp(-0.5) + 0.5 - 1  # exp(ref - logp) - (ref - logp) - 1
     assert float(out.terms["policy"].detach()) == pytest.approx(0.1 * k3 - 0.01 * 2.0, abs=1e-6)
-    assert float(out.metrics["policy/kl_ref"]) == pytest.approx(k3, abs=1e-6)
+    assert float(out.metrics["kl/ref_token"]) == pytest.approx(k3, abs=1e-6)
     out.terms["policy"].backward()
     m = torch.tensor(MASK, dtype=torch.float32)
     assert torch.allclose(lp.grad, 0.1 * (1 - math.exp(-0.5)) * m / 5, atol=1e-7)
@@ -151,7 +151,7 @@ def test_kl_penalty_reward_and_state():
     want = -0.2 * torch.tensor([[0, 0.5, 0.5, 0.5, 0], [0, 1.0, 1.0, 0, 0]]) * m
     assert torch.allclose(out, want)
     # per-sequence KL 1.5 and 2.0, mean 1.75: error clipped to 0.2, beta *= 1 + 0.2 * 2 / 10
-    assert ctx.recorded["kl/ref_kl"] == pytest.approx(1.75) and ctx.recorded["kl/beta"] == 0.2
+    assert ctx.recorded["kl/ref"] == pytest.approx(1.75) and ctx.recorded["kl/beta"] == 0.2
     assert plugin.ctl.beta == pytest.approx(0.2 * 1.04)
     state = plugin.save_state()
     other = instantiate(resolve("kl_penalty"), {"beta": 0.2}, name="kl_penalty", where="reward.kl_penalty")

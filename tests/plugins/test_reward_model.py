@@ -133,7 +133,7 @@ def test_reward_model_learns_builtin_pairs(tmp_path):
     from support import run_job
 
     s = run_job(["algo=reward_model", "trainer.max_steps=60", "trainer.eval_every=0", "trainer.progress=false"], tmp_path)
-    assert s["eval/rm/accuracy_after"] >= 0.62, s
-    assert s["eval/rm/accuracy_after"] > s["eval/rm/accuracy_before"] + 0.1
+    assert s["eval/pref/accuracy_after"] >= 0.62, s
+    assert s["eval/pref/accuracy_after"] > s["eval/pref/accuracy_before"] + 0.1
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward_model")
     assert rm.config.num_labels == 1

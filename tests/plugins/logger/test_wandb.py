@@ -19,7 +19,7 @@ from rlfuse.runinfo import RunInfo
 from support import FAST, compose, run_job
 
 ROOT = Path(__file__).resolve().parents[3]
-WANDB = ["logger=[jsonl,wandb]", "+logger.wandb.samples_every=1", "+logger.wandb.samples_rows=4"]
+WANDB = ["logger=[jsonl,wandb]", "logger.wandb.samples_every=1", "logger.wandb.samples_rows=4"]
 
 
 def run_files(run_dir: Path) -> list[Path]:
