@@ -23,6 +23,7 @@ The core knows nothing about any plugin: this is Hydra's search path, filled fro
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ def _version(dist: str) -> str:
         return ""
 
 
+@functools.cache
 def _plugin_class() -> type:
     from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
     from hydra.plugins.search_path_plugin import SearchPathPlugin
@@ -151,16 +153,9 @@ def _plugin_class() -> type:
     return RlfuseConfigsSearchPath
 
 
-_registered = False
-
-
 def enable() -> None:
-    """Register the search-path plugin with Hydra (idempotent). Called by
-    :func:`rlfuse.config.register_configs` before any config is composed."""
-    global _registered
-    if _registered:
-        return
+    """Register the search-path plugin with Hydra. Idempotent (Hydra keeps a class once), so
+    :func:`rlfuse.config.register_configs` calls it before any config is composed."""
     from hydra.core.plugins import Plugins
 
     Plugins.instance().register(_plugin_class())
-    _registered = True
