@@ -23,6 +23,10 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
+    from rlfuse.config import register_configs
+
+    register_configs()  # plugin packages' config files on the search path, as the CLI has them
+
     with initialize_config_module("rlfuse.conf", version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
@@ -32,8 +36,10 @@ def run_job(overrides: list[str], run_dir):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
+    from rlfuse.config import register_configs
     from rlfuse.pipeline import run
 
+    register_configs()
     overrides = list(overrides) + [f"run_dir={run_dir}"]
     with initialize_config_module("rlfuse.conf", version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)

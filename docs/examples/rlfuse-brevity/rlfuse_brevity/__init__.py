@@ -2,7 +2,7 @@
 
 Install it (`pip install -e .`), then select it by name:
 
-    rlfuse 'reward=[rule,kl_penalty]' +reward.brevity.plugin=brevity +reward.brevity.weight=0.1
+    rlfuse 'reward=[rule,brevity]'            (its config file ships in rlfuse_brevity/conf/)
 """
 
 from dataclasses import dataclass
