@@ -20,7 +20,7 @@ from rlfuse.plugins._data.records import (
     prompt_text,
     read_jsonl,
 )
-from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
+from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Plugin(StreamPlugin):
         p_ids = encode_prompts(tok, prompts, data.max_prompt_length, data.truncation, [r.where for r in recs])
         a_ids = encode_answers(tok, [completion_text(r, tok) for r in recs])
         items = list(zip(p_ids, a_ids, prompts, [r.row for r in recs], strict=True))
-        self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
+        self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle, **shard(ctx))
 
     @hookimpl
     def rollout(self, ctx: Any, step: int) -> Batch:
