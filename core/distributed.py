@@ -359,6 +359,8 @@ def init(timeout_s: float = 300.0, heartbeat_s: float = 1.0, backend: str = "aut
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     timeout = timedelta(seconds=timeout_s)
     store = td.TCPStore(addr, port, world, is_master=rank == 0 and not agent_store, timeout=timeout)
+    # a torchrun restart reuses the agent's store: keys of the failed attempt must not be seen
+    store = td.PrefixStore(f"rlfuse/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     td.init_process_group(backend, store=td.PrefixStore("pg", store), rank=rank, world_size=world, timeout=timeout)
     _CURRENT = Dist(rank, world, local_rank, timeout_s, heartbeat_s, backend, td.PrefixStore("rlfuse", store))
     _CURRENT.start_heartbeat()
