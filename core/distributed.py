@@ -63,6 +63,7 @@ class Dist:
         self.backend = backend
         self.store = store
         self.bytes_sent = 0  # payload bytes this rank sent through the helpers below
+        self.bytes_logged = 0  # bytes_sent when the last step's perf/comm_bytes was taken
         self._stop = threading.Event()
         self._hb: threading.Thread | None = None
 
@@ -428,12 +429,18 @@ def data_parallel(ctx: Any) -> bool:
 
 
 def for_rank(cfg: Any, rank: int) -> Any:
-    """``cfg`` with ``algo.agents[rank]`` (a nested mapping of overrides) merged in: per-rank
-    settings for heterogeneous agents (own data, reward weights, ...). An unknown key is an
-    error naming it."""
+    """Rank ``rank``'s config: without logger plugins unless it is rank 0, and with
+    ``algo.agents[rank]`` (a nested mapping of overrides) merged in -- per-rank settings for
+    heterogeneous agents (own data, reward weights, ...). An unknown key is an error naming it."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from omegaconf import open_dict
+
+    if rank > 0 and cfg.get("logger"):  # only rank 0 logs: the other ranks load no logger plugin
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.logger = {}
     agents = cfg.algo.get("agents") or []
     if rank >= len(agents) or not agents[rank]:
         return cfg
@@ -477,6 +484,9 @@ def reduce_step_metrics(ctx: Any, metrics: dict[str, float]) -> dict[str, float]
     rows = float(metrics.pop("_rows", 1.0))
     if not ctx.dist.enabled:
         return metrics
+    sent = ctx.dist.bytes_sent
+    metrics["perf/comm_bytes"] = float(sent - ctx.dist.bytes_logged)  # all this rank's traffic this step
+    ctx.dist.bytes_logged = sent
     dp = data_parallel(ctx)
     sums, counts = {}, {}
     for k, v in metrics.items():

@@ -111,10 +111,12 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
     for name, stage, stage_dir, stage_over, stage_cfg in plans:
         done = stage_dir / "summary.json"
         if done.exists():
-            print(f"[rlfuse] stage '{name}': already done ({done}), skipped")
+            if main:
+                print(f"[rlfuse] stage '{name}': already done ({done}), skipped")
             result = json.loads(done.read_text())
         else:
-            print(f"[rlfuse] stage '{name}': algo={stage.algo}")
+            if main:
+                print(f"[rlfuse] stage '{name}': algo={stage.algo}")
             result = run(stage_cfg, stage_over, stage_dir)
         summary["stages"][name] = result
         if (stage_dir / "metrics.jsonl").exists():

@@ -178,3 +178,20 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
     assert second == [2, 3, 4]  # the restart continued from step 2, not from 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 5 and (run / "final").is_dir()
+
+
+# ------------------------------------------------------------------ per-rank config
+
+
+def test_agents_override_per_rank_and_name_a_bad_key():
+    from support import compose
+
+    from rlfuse.distributed import for_rank
+
+    cfg = compose(["algo=decentralized", "algo.agents=[{},{rollout:{temperature:0.3}}]"])
+    assert for_rank(cfg, 0).rollout.temperature == 0.7
+    assert for_rank(cfg, 1).rollout.temperature == 0.3
+    assert for_rank(cfg, 2).rollout.temperature == 0.7  # fewer entries than ranks: the preset
+    bad = compose(["algo=decentralized", "algo.agents=[{trainer:{max_stpes:3}}]"])
+    with pytest.raises(ValueError, match=r"algo.agents\[0\].*max_stpes"):
+        for_rank(bad, 0)
