@@ -93,11 +93,13 @@ def _agents(tmp_path, name, coef, model):
 
 @pytest.mark.slow
 def test_three_agents_consensus_closer_with_lambda_and_reward_rises(tmp_path, warm_model):
-    with_l, d_with = _agents(tmp_path, "lambda", 5.0, warm_model)
+    with_l, d_with = _agents(tmp_path, "lambda", 0.5, warm_model)
     without, d_without = _agents(tmp_path, "zero", 0.0, warm_model)
     assert len(d_with) == len(d_without) == 3  # one measurement per sync (steps 4, 8, 12)
     assert sum(d_with) < sum(d_without), (d_with, d_without)
     # the consensus policy (the agents' mean, written to final/) beats the initial policy
-    assert with_l["eval/consolidated/reward_after"] > with_l["eval/reward_before"], with_l
+    # (seeded and single-threaded: the same figures on every run of this machine)
+    assert with_l["eval/consolidated/reward_after"] > with_l["eval/reward_before"] + 0.02, with_l
+    assert without["eval/consolidated/reward_after"] > without["eval/reward_before"] + 0.02, without
     for r in range(3):  # each agent's own figures are reported beside it
         assert f"eval/rank{r}/reward_after" in with_l and f"eval/rank{r}/reward_before" in with_l
