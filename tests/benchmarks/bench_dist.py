@@ -29,7 +29,7 @@ CONFIGS = [  # (label, ranks, overrides)
     ("allreduce", 3, ["sync=allreduce"]),
     ("diloco", 2, ["sync=diloco"]),
     ("diloco", 3, ["sync=diloco"]),
-    ("diloco bf16", 3, ["sync=diloco", "+sync.bf16=true"]),
+    ("diloco bf16", 3, ["sync=diloco", "sync.bf16=true"]),
     ("gossip ring", 2, ["sync=gossip"]),
     ("gossip ring", 3, ["sync=gossip"]),
 ]

@@ -79,7 +79,7 @@ def test_ddp_sft_equals_one_process_and_allreduce_grads(tmp_path, monkeypatch, e
     assert [r["loss/sft"] for r in rows] == pytest.approx([r["loss/sft"] for r in single_rows], rel=1e-4)
     # sync=allreduce, average=grads, k=1, each rank its own model: the same as DDP
     _, ar, _ = _ranks(common + ["rollout.batch_size=4", "trainer.strategy=none", "sync=allreduce",
-                                "+sync.average=grads"], tmp_path, "allreduce")
+                                "sync.average=grads"], tmp_path, "allreduce")
     for w in ar:
         torch.testing.assert_close(w, single, rtol=1e-4, atol=1e-5)
 

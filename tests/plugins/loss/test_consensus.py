@@ -66,7 +66,7 @@ def test_config_errors_name_the_key():
 # the policy as it samples, which RL raises within a few steps; greedy answers lag behind --
 # docs/scaling.md has the preset's full-length greedy figures).
 AGENTS = ["algo=decentralized", "trainer.max_steps=12", "trainer.progress=false", "trainer.threads=1",
-          "logger=[jsonl]", "eval.task.num_prompts=128", "eval.task.greedy=false", "+eval.task.temperature=0.7"]
+          "logger=[jsonl]", "eval.task.num_prompts=128", "eval.task.greedy=false", "eval.task.temperature=0.7"]
 
 
 @pytest.fixture(scope="module")
