@@ -196,6 +196,14 @@ def _sync_checks(args: dict[str, Any]) -> None:
     _, gb, ga, m_g = after(gossip.Plugin(gossip.Config(every=1, topology="ring")))
     res["gossip"] = {"before": gb.tolist(), "after": ga.tolist(), "metrics": m_g}
 
+    # consolidate: the final policy becomes the mean over ranks (same perturbations as above)
+    model = _flat_model(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + r)))
+    changed = allreduce.Plugin(allreduce.Config()).consolidate(ctx=_fake_ctx(d, model))
+    res["consolidate"] = {"changed": changed, "after": _flat(model).tolist()}
+
     # two-phase: rank 1 fails while preparing -> every rank raises, nobody applies
     applied = []
     try:

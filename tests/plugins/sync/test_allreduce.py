@@ -26,3 +26,26 @@ def test_config_errors_name_the_key():
         Plugin(Config(every=0))
     with pytest.raises(ValueError, match="sync.average"):
         Plugin(Config(average="weights"))
+
+
+def test_consolidate_writes_the_mean_over_ranks(sync_checks):
+    mean = torch.tensor(sync_checks[0]["allreduce"]["after"])  # mean of the same perturbed weights
+    for r in sync_checks:
+        assert r["consolidate"]["changed"] is True
+        torch.testing.assert_close(torch.tensor(r["consolidate"]["after"]), mean, rtol=0, atol=1e-6)
+
+
+def test_consolidate_is_a_no_op_in_one_process():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from rlfuse.distributed import Dist
+
+    model = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    ctx = SimpleNamespace(dist=Dist(), policy=model, modules=torch.nn.ModuleDict(),
+                          cfg=OmegaConf.create({"trainer": {"strategy": "none"}}))
+    assert Plugin(Config()).consolidate(ctx=ctx) is False
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
