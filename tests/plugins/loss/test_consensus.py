@@ -35,7 +35,7 @@ def test_param_l2_term_and_gradient():
     ctx = _ctx(model)
     plugin = Plugin(Config(coef=0.5))
     out = plugin.loss(ctx=ctx, batch=_batch(2))  # first call: the snapshot is the current weights
-    assert float(out.terms["consensus"]) == 0.0
+    assert float(out.terms["consensus"].detach()) == 0.0
     snap = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -49,7 +49,7 @@ def test_param_l2_term_and_gradient():
     assert parts[0].metrics["consensus/l2"] == pytest.approx(n / sum(float(s.pow(2).sum()) for s in snap), rel=1e-5)
     # one process: the sync hook refreshes the snapshot to the current weights
     plugin.sync(ctx=ctx, step=0)
-    assert float(plugin.loss(ctx=ctx, batch=_batch(4)).terms["consensus"]) == 0.0
+    assert float(plugin.loss(ctx=ctx, batch=_batch(4)).terms["consensus"].detach()) == 0.0
 
 
 def test_config_errors_name_the_key():
