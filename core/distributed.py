@@ -432,10 +432,8 @@ def for_rank(cfg: Any, rank: int) -> Any:
     """Rank ``rank``'s config: without logger plugins unless it is rank 0, and with
     ``algo.agents[rank]`` (a nested mapping of overrides) merged in -- per-rank settings for
     heterogeneous agents (own data, reward weights, ...). An unknown key is an error naming it."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
-
-    from omegaconf import open_dict
 
     if rank > 0 and cfg.get("logger"):  # only rank 0 logs: the other ranks load no logger plugin
         cfg = cfg.copy()

@@ -161,7 +161,7 @@ def _sync_checks(args: dict[str, Any]) -> None:
 
     torch.set_num_threads(1)
     d = distributed.init(timeout_s=30)
-    r, w = d.rank, d.world_size
+    r = d.rank
     res: dict[str, Any] = {}
 
     # metric reduction with uneven counts; rank 1 has a key the others lack

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
-from rlfuse.plugins.sync._common import SyncMeter, assign, consolidate_mean, flatten, relative_distance, trainable
+from rlfuse.plugins.sync._common import (
+    SyncMeter,
+    assign,
+    consolidate_mean,
+    flatten,
+    relative_distance,
+    trainable,
+)
 
 
 @dataclass

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_support import TESTS, free_port, launch, logs, results, wait
+
 from support import run_job
 
 SFT = ["algo=sft", "algo.warmup=null", "trainer.max_steps=3", "trainer.progress=false", "trainer.threads=1",
@@ -184,9 +184,8 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
 
 
 def test_agents_override_per_rank_and_name_a_bad_key():
-    from support import compose
-
     from rlfuse.distributed import for_rank
+    from support import compose
 
     cfg = compose(["algo=decentralized", "algo.agents=[{},{rollout:{temperature:0.3}}]"])
     assert for_rank(cfg, 0).rollout.temperature == 0.7

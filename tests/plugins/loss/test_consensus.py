@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from distributed_support import launch, logs, results, wait
 from omegaconf import OmegaConf
 
-from distributed_support import launch, logs, results, wait
 from rlfuse.data import Batch
 from rlfuse.distributed import Dist
 from rlfuse.plugins.loss.consensus import Config, Plugin
@@ -43,7 +43,7 @@ def test_param_l2_term_and_gradient():
     parts = [plugin.loss(ctx=ctx, batch=_batch(2)) for _ in range(2)]  # two micro-batches of 2 rows
     total = sum(o.terms["consensus"] for o in parts)
     n = sum(p.numel() for p in snap)
-    assert float(total) == pytest.approx(0.5 * n)  # coef * ||theta - snapshot||^2, once per step
+    assert float(total.detach()) == pytest.approx(0.5 * n)  # coef * ||theta - snapshot||^2, once per step
     total.backward()
     torch.testing.assert_close(model.weight.grad, torch.full_like(model.weight, 2 * 0.5 * 1.0))
     assert parts[0].metrics["consensus/l2"] == pytest.approx(n / sum(float(s.pow(2).sum()) for s in snap), rel=1e-5)

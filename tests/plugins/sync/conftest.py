@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from distributed_support import launch, logs, results, wait
 
 
