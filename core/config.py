@@ -117,6 +117,15 @@ class RlfuseConfig:
 SINGLE_GROUPS = ("rollout", "advantage", "sync")  # one section with a `plugin` key
 MULTI_GROUPS = ("reward", "loss", "logger", "eval", "plugins")  # {name: section}
 
+# Keys of a component section that the core consumes itself and never passes to the plugin:
+# key -> (the groups whose sections may carry it, its default). The one place they are declared;
+# :func:`rlfuse.manager.load_plugins` returns their values per section name.
+#   weight: the factor the core multiplies the scores a reward plugin returns under the
+#           section's name by, before summing them into ``batch.rewards`` (docs/hooks.md).
+CORE_SECTION_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "weight": (("reward",), 1.0),
+}
+
 
 def check(cfg: Any) -> None:
     """Reject top-level keys the schema does not know (``+trainr.x=1`` is a typo, not a new

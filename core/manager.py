@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlfuse import hookspecs
+from rlfuse.config import CORE_SECTION_KEYS, MULTI_GROUPS, SINGLE_GROUPS
 
 GROUP = hookspecs.PROJECT
 
@@ -122,6 +123,39 @@ def validate(schema: type, options: dict[str, Any] | DictConfig, *, where: str) 
         at = f"{where}.{key}" if key else where
         msg = str(e).splitlines()[0]
         raise PluginError(f"Config error at '{at}': {msg}") from None
+
+
+def load_plugins(cfg: DictConfig, pm: PluginManager) -> dict[str, dict[str, Any]]:
+    """Register the plugin of every component section of ``cfg`` with ``pm``.
+
+    A section is ``{plugin: NAME, ...options}``; the options are validated against the
+    plugin's ``Config``. Keys the core consumes itself (:data:`rlfuse.config.CORE_SECTION_KEYS`,
+    e.g. a reward's ``weight``) are taken out first, in the groups that declare them.
+
+    :returns: ``{core key: {section name: value}}`` for every core key, e.g.
+        ``{"weight": {"rule": 1.0, "length": 0.25}}`` (single groups use the group's name).
+    """
+    consumed: dict[str, dict[str, Any]] = {key: {} for key in CORE_SECTION_KEYS}
+    for group in SINGLE_GROUPS + MULTI_GROUPS:
+        node = cfg.get(group) or {}
+        sections = {group: node} if group in SINGLE_GROUPS else dict(node)
+        if group in SINGLE_GROUPS and not node:
+            continue
+        for key, section in sections.items():
+            if section is None:
+                continue
+            where = group if group in SINGLE_GROUPS else f"{group}.{key}"
+            opts = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+            if not isinstance(opts, dict) or "plugin" not in opts:
+                raise PluginError(f"Config error at '{where}': missing 'plugin' (an entry-point name or dotted path)")
+            name = opts.pop("plugin")
+            for core_key, (groups, default) in CORE_SECTION_KEYS.items():
+                if group in groups:
+                    consumed[core_key][str(key)] = opts.pop(core_key, default)
+            inst_name = name if group in SINGLE_GROUPS else str(key)
+            plugin = instantiate(resolve(name), opts, name=inst_name, where=where)
+            pm.register_plugin(plugin, name=where)
+    return consumed
 
 
 class PluginManager(pluggy.PluginManager):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,13 +35,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from rlfuse import models
-from rlfuse.config import MULTI_GROUPS, SINGLE_GROUPS
+from rlfuse.checkpoint import latest_checkpoint, load_checkpoint, merge, save_checkpoint, save_policy
 from rlfuse.data import Batch, ForwardOutput, LossOutput
-from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
+from rlfuse.manager import PluginError, PluginManager, load_plugins
 
 
 class Context:
-    """What every hook receives: the config, the models and a few services of the core."""
+    """What every hook receives: the config, the models and a few services of the core.
+
+    Plugins use only the public attributes and methods below (docs/hooks.md lists them);
+    they never reach into ``ctx._private`` state or fetch other plugins out of ``ctx.pm``.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, pm: PluginManager) -> None:
         self.cfg = cfg
@@ -56,6 +59,9 @@ class Context:
         self.modules = nn.ModuleDict()  # extra trainable modules (value head, ...)
         self._module_lrs: dict[str, float | None] = {}
         self._reference: nn.Module | None = None
+        self._reference_version = 0
+        self._forward_needs = {"entropy": False, "hidden": False}
+        self._train_records: list[Any] = []
         self.metrics: dict[str, float] = {}  # extra metrics for the current step
         self.reward_weights: dict[str, float] = {}
 
@@ -71,8 +77,25 @@ class Context:
                 ref = models.frozen_copy(ref)
             else:
                 ref = models.frozen_copy(self.policy)
-            self._reference = ref.to(self.device)
-        return self._reference
+            self.set_reference(ref)
+        return self._reference  # type: ignore[return-value]
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the reference model is in memory now (reading ``reference`` builds it)."""
+        return self._reference is not None
+
+    @property
+    def reference_version(self) -> int:
+        """A counter that changes whenever the reference model is built or replaced (0 = never
+        built), so a plugin caching reference results knows when they went stale."""
+        return self._reference_version
+
+    def set_reference(self, model: nn.Module) -> None:
+        """Replace the frozen reference (a sync plugin refreshing it, a resume restoring it)."""
+        model.eval().requires_grad_(False)
+        self._reference = model.to(self.device)
+        self._reference_version += 1
 
     def drop_reference(self) -> None:
         """Free the reference model (e.g. after its log-probs were all precomputed)."""
@@ -86,6 +109,24 @@ class Context:
         self._module_lrs[name] = lr
         return self.modules[name]
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: the policy's trainable parameters at ``lr``, then
+        each added module at its own lr (or ``lr``)."""
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": lr}]
+        for name, module in self.modules.items():
+            groups.append({"params": list(module.parameters()), "lr": self._module_lrs[name] or lr})
+        return groups
+
+    # -- the shared forward pass -------------------------------------------------------
+    def require_forward(self, *, entropy: bool = False, hidden: bool = False) -> None:
+        """Declare, from a plugin's ``setup``, what the shared policy forward must produce.
+
+        The first ``ctx.forward(batch)`` of a micro-batch then computes everything every
+        plugin declared, whatever order pluggy calls the loss plugins in.
+        """
+        self._forward_needs["entropy"] |= entropy
+        self._forward_needs["hidden"] |= hidden
+
     def forward(
         self,
         batch: Batch,
@@ -96,12 +137,14 @@ class Context:
     ) -> ForwardOutput:
         """Token log-probs (and entropy / final hidden states) of ``batch`` under ``model``.
 
-        With ``model=None`` (the policy, with gradients) the result -- log-probs, entropy and
-        hidden states -- is computed once per micro-batch and shared by every loss plugin.
+        With ``model=None`` (the policy, with gradients) the result is computed once per
+        micro-batch and shared by every loss plugin; it holds what was asked here plus what
+        the plugins declared with :meth:`require_forward`.
         """
         if model is not None:
             return models.forward(model, batch, entropy=entropy, hidden=hidden)
-        entropy = True
+        entropy = entropy or self._forward_needs["entropy"]
+        hidden = hidden or self._forward_needs["hidden"]
         cached: ForwardOutput | None = batch.cache.get("forward")
         if (
             cached is None
@@ -125,6 +168,40 @@ class Context:
                 root.ref_logprobs = out.logprobs * root.response_mask
             batch.ref_logprobs = root.ref_logprobs if rows is None else root.ref_logprobs[rows.to(root.ref_logprobs.device)]
         return batch.ref_logprobs
+
+    # -- services between plugins ------------------------------------------------------
+    def score(self, batch: Batch, rewards: list[str]) -> dict[str, torch.Tensor]:
+        """Scores of ``batch`` by the configured reward components named in ``rewards``
+        (``reward.<name>``), unweighted, each summed per sequence: ``{score name: (B,)}``.
+
+        For evaluators that want a reward's opinion of other responses (``eval=task``'s
+        ``scorers``); the training rewards are the core's business, not this.
+        """
+        chosen = []
+        for name in rewards:
+            plugin = self.pm.get_plugin(f"reward.{name}")
+            if plugin is None:
+                configured = sorted(n.split(".", 1)[1] for n, _ in self.pm.list_name_plugin() if n.startswith("reward."))
+                raise PluginError(f"'{name}' is not a configured reward (configured: {', '.join(configured) or 'none'})")
+            chosen.append(plugin)
+        others = [p for p in self.pm.get_plugins() if all(p is not c for c in chosen)]
+        caller = self.pm.subset_hook_caller("reward", remove_plugins=others)
+        out: dict[str, torch.Tensor] = {}
+        for result in caller(ctx=self, batch=batch):
+            for k, v in (result or {}).items():
+                out[k] = v.float().reshape(len(batch), -1).sum(-1)
+        return out
+
+    def set_train_records(self, records: list[Any]) -> None:
+        """Called by a data (rollout) plugin at setup with every training record it reads."""
+        self._train_records = list(records)
+
+    @property
+    def train_records(self) -> list[Any]:
+        """The training records the rollout plugin published (empty if none): what a loss
+        plugin scores ahead of training (DPO's reference precompute) or after it (the reward
+        model's score statistics)."""
+        return self._train_records
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Add metrics to the current step's log line."""
@@ -182,85 +259,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_plugins(cfg: DictConfig, pm: PluginManager) -> dict[str, float]:
-    """Register the plugin of every component section; return the reward weights."""
-    weights: dict[str, float] = {}
-    for group in SINGLE_GROUPS + MULTI_GROUPS:
-        node = cfg.get(group) or {}
-        sections = {group: node} if group in SINGLE_GROUPS else dict(node)
-        if group in SINGLE_GROUPS and not node:
-            continue
-        for key, section in sections.items():
-            if section is None:
-                continue
-            where = group if group in SINGLE_GROUPS else f"{group}.{key}"
-            opts = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-            if not isinstance(opts, dict) or "plugin" not in opts:
-                raise PluginError(f"Config error at '{where}': missing 'plugin' (an entry-point name or dotted path)")
-            name = opts.pop("plugin")
-            if group == "reward":
-                weights[str(key)] = float(opts.pop("weight", 1.0))
-            inst_name = name if group in SINGLE_GROUPS else str(key)
-            plugin = instantiate(resolve(name), opts, name=inst_name, where=where)
-            pm.register_plugin(plugin, name=where)
-    return weights
-
-
-# ------------------------------------------------------------------------- checkpoints
-
-
-def save_policy(ctx: Context, folder: Path) -> None:
-    """Write a ``save_pretrained`` folder (+ extra modules) atomically."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ctx.policy.save_pretrained(tmp)
-    ctx.tokenizer.save_pretrained(tmp)
-    if len(ctx.modules):
-        torch.save(ctx.modules.state_dict(), tmp / "rlfuse_modules.pt")
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: dict[str, Any]) -> Path:
-    ckpt_dir = ctx.run_dir / "checkpoints"
-    folder = ckpt_dir / f"step_{step:07d}"
-    save_policy(ctx, folder)
-    trainer_state = {
-        "step": step,
-        "optimizer": opt.state_dict(),
-        "plugins": _merge(ctx.hook.save_state(ctx=ctx)),
-        "rng": {"torch": torch.random.get_rng_state(), "python": random.getstate()},
-        **state,
-    }
-    if torch.cuda.is_available():
-        trainer_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = folder / "trainer_state.pt.tmp"
-    torch.save(trainer_state, tmp)
-    os.replace(tmp, folder / "trainer_state.pt")
-    for old in sorted(ckpt_dir.glob("step_*"))[:-2]:  # keep the last two
-        if old.suffix not in (".tmp", ".old"):
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = [p for p in sorted((run_dir / "checkpoints").glob("step_*")) if (p / "trainer_state.pt").exists()]
-    return done[-1] if done else None
-
-
-def _merge(dicts: list[dict[str, Any] | None]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for d in dicts:
-        if d:
-            out.update(d)
-    return out
-
-
 # ------------------------------------------------------------------------- the loop
 
 
@@ -278,14 +276,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     pm = PluginManager()
     ctx = Context(cfg, run_dir, pm)
-    ctx.reward_weights = load_plugins(cfg, pm)
+    ctx.reward_weights = {k: float(w) for k, w in load_plugins(cfg, pm)["weight"].items()}
     ctx.tokenizer = models.load_tokenizer(cfg.model)
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed).to(ctx.device)
     ctx.hook.setup(ctx=ctx)
 
-    groups = [{"params": [p for p in ctx.policy.parameters() if p.requires_grad], "lr": cfg.algo.lr}]
-    for name, module in ctx.modules.items():
-        groups.append({"params": list(module.parameters()), "lr": ctx._module_lrs[name] or cfg.algo.lr})
+    groups = ctx.param_groups(cfg.algo.lr)
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(
@@ -294,7 +290,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     start, summary = 0, {}
     if cfg.trainer.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start, summary = _resume(ctx, opt, ckpt)
+        start, summary = load_checkpoint(ctx, opt, ckpt)
 
     params = [p for g in groups for p in g["params"]]
     t0 = time.perf_counter()
@@ -345,29 +341,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, step: int, before: bool = False) -> dict[str, Any]:
-    results = _merge(ctx.hook.evaluate(ctx=ctx, step=step))
+    results = merge(ctx.hook.evaluate(ctx=ctx, step=step))
     if results:
         ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, **results})
     if before:
         return {f"{k}_before": v for k, v in results.items()}
     return results
-
-
-def _resume(ctx: Context, opt: torch.optim.Optimizer, ckpt: Path) -> tuple[int, dict[str, Any]]:
-    from transformers import AutoModelForCausalLM
-
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(ctx.policy.parameters()).dtype)
-    ctx.policy.load_state_dict(loaded.state_dict())
-    if (ckpt / "rlfuse_modules.pt").exists():
-        ctx.modules.load_state_dict(torch.load(ckpt / "rlfuse_modules.pt", map_location=ctx.device))
-    opt.load_state_dict(state["optimizer"])
-    ctx.hook.load_state(ctx=ctx, state=state.get("plugins", {}))
-    torch.random.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"]), dict(state.get("summary", {}))
 
 
 def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> dict[str, float]:

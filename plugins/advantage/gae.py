@@ -94,6 +94,7 @@ class Plugin:
         nn.init.zeros_(head.bias)
         dtype = next(ctx.policy.parameters()).dtype
         self.head = ctx.add_module("value_head", head.to(dtype), lr=self.cfg.value_lr)
+        ctx.require_forward(hidden=True)  # the value loss reads the shared forward's hidden states
 
     def values(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) values from (B, T, H) hidden states, aligned with the tokens."""
@@ -102,7 +103,7 @@ class Plugin:
 
     @hookimpl
     def advantage(self, ctx: Any, batch: Batch) -> Advantages:
-        out = batch.cache.get("rollout_forward")
+        out = batch.rollout_forward
         if out is None or out.hidden is None:
             with torch.no_grad():
                 out = ctx.forward(batch, model=ctx.policy, hidden=True)

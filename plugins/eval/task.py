@@ -66,7 +66,7 @@ class Plugin:
                 if len(examples) < self.cfg.samples:
                     examples.append({"prompt": p, "response": r, "reward": true[-1]})
             for n in self.cfg.scorers:
-                scores[n].append(self._score(ctx, n, batch))
+                scores[n].append(torch.cat([v.cpu() for v in ctx.score(batch, [n]).values()]))
         out = {
             "eval/reward": sum(true) / len(true),
             "eval/exact": sum(t == 1.0 for t in true) / len(true),
@@ -79,12 +79,3 @@ class Plugin:
             for e in examples:
                 f.write(json.dumps({"step": step, **e}) + "\n")
         return out
-
-    def _score(self, ctx: Any, name: str, batch: Any) -> torch.Tensor:
-        plugin = ctx.pm.get_plugin(f"reward.{name}")
-        if plugin is None:
-            raise ValueError(f"eval.{self.name}.scorers names '{name}', which is not a configured reward")
-        others = [p for p in ctx.pm.get_plugins() if p is not plugin]
-        caller = ctx.pm.subset_hook_caller("reward", remove_plugins=others)
-        results = [r for r in caller(ctx=ctx, batch=batch) if r]
-        return torch.cat([v.float().reshape(len(batch), -1).sum(-1).cpu() for r in results for v in r.values()])

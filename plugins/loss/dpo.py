@@ -151,11 +151,10 @@ class Plugin:
                 "training and held-out data needs reference log-probs"
             )
         if self.cfg.cache_reference:
-            ref_model = ctx._reference
-            if ref_model is not None and id(ref_model) != self._ref_id:
+            if ctx.has_reference and ctx.reference_version != self._ref_id:
                 if self._ref_id is not None:
                     self.cache.clear()  # the reference changed (e.g. refreshed by a sync plugin)
-                self._ref_id = id(ref_model)
+                self._ref_id = ctx.reference_version
             if all(k in self.cache for k in keys):
                 c, r = zip(*(self.cache[k] for k in keys), strict=False)
                 dev = batch.input_ids.device
@@ -164,7 +163,7 @@ class Plugin:
             out = ctx.forward(batch, model=ctx.reference)
         _, rc, rr, _, _ = pair_logps(out.logprobs.float(), batch)
         if self._ref_id is None:
-            self._ref_id = id(ctx._reference)
+            self._ref_id = ctx.reference_version
         if self.cfg.cache_reference:
             for k, c, r in zip(keys, rc.tolist(), rr.tolist(), strict=False):
                 self.cache[k] = (c, r)
@@ -181,8 +180,7 @@ class Plugin:
     def _precompute(self, ctx: Any) -> None:
         from rlfuse.plugins._data.pairs import pair_batch
 
-        rollout = ctx.pm.get_plugin("rollout")
-        items = list(getattr(rollout, "items", []) or []) + list(self.eval_items)
+        items = list(ctx.train_records) + list(self.eval_items)
         bs = self.cfg.eval_batch_size
         for s in range(0, len(items), bs):
             chunk = items[s : s + bs]

@@ -60,6 +60,10 @@ class Plugin:
         )
 
     @hookimpl
+    def setup(self, ctx: Any) -> None:
+        ctx.require_forward(entropy=True)  # logged as policy/entropy (and the entropy bonus)
+
+    @hookimpl
     def loss(self, ctx: Any, batch: Batch) -> LossOutput:
         if batch.advantages is None or batch.old_logprobs is None:
             raise ValueError("loss=ppo needs advantages and old log-probs (an advantage plugin and an online rollout)")

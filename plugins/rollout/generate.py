@@ -65,5 +65,5 @@ class Plugin(StreamPlugin):
         with torch.no_grad():
             out = ctx.forward(batch, model=ctx.policy, hidden=True)
         batch.old_logprobs = out.logprobs * batch.response_mask
-        batch.cache["rollout_forward"] = out
+        batch.rollout_forward = out
         return batch

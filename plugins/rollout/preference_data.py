@@ -54,6 +54,7 @@ class Plugin(StreamPlugin):
         if not ctx.cfg.data.preferences:
             raise ValueError("rollout=preference_data needs data.preferences (a JSONL file of pairs)")
         self.items = load_pairs(ctx, ctx.cfg.data.preferences)
+        ctx.set_train_records(self.items)  # for plugins that score every pair (DPO, reward model)
         self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
 
     @hookimpl

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from rlfuse import trainer
 from rlfuse.config import register_configs
 from rlfuse.data import Batch
-from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
+from rlfuse.manager import PluginError, PluginManager, instantiate, load_plugins, resolve
 
 register_configs()
 
@@ -33,7 +33,7 @@ def load(overrides):
     with initialize_config_module("rlfuse.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     pm = PluginManager()
-    return cfg, pm, trainer.load_plugins(cfg, pm)
+    return cfg, pm, load_plugins(cfg, pm)["weight"]
 
 
 def test_rule_reward_receives_the_rows_columns():
