@@ -38,6 +38,13 @@ def commands() -> dict[str, Any]:
 
 
 def main() -> None:
+    """The ``rlfuse`` command; rlfuse's own errors end as one clear message (rlfuse.errors)."""
+    from rlfuse.errors import run_cli
+
+    run_cli(_main)
+
+
+def _main() -> None:
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and "=" not in sys.argv[1]:
         cmds = commands()
         if sys.argv[1] not in cmds:

@@ -139,6 +139,7 @@ class LossOutput:
 
     terms: dict[str, Tensor]  # scalar tensors; the core adds them all
     metrics: dict[str, float | Tensor] = field(default_factory=dict)  # averaged over micro-batches
+    source: str = ""  # the plugin that returned it (set by the core; names it in errors)
 
 
 @dataclass

@@ -35,9 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from rlfuse import models
-from rlfuse.checkpoint import latest_checkpoint, load_checkpoint, merge, save_checkpoint, save_policy
+from rlfuse import stops
+from rlfuse.checkpoint import check_config, load_checkpoint, merge, resume_point, save_checkpoint, save_policy
+from rlfuse.config import check_ranges
 from rlfuse.data import Batch, ForwardOutput, LossOutput
+from rlfuse.errors import NonFiniteError
 from rlfuse.manager import PluginError, PluginManager, load_plugins
+from rlfuse.metrics import finite_or_none
 
 
 class Context:
@@ -60,6 +64,7 @@ class Context:
         self._module_lrs: dict[str, float | None] = {}
         self._reference: nn.Module | None = None
         self._reference_version = 0
+        self._initial_policy: Any = None  # set by a resume: rebuilds the policy as it started
         self._forward_needs = {"entropy": False, "hidden": False}
         self._train_records: list[Any] = []
         self.metrics: dict[str, float] = {}  # extra metrics for the current step
@@ -76,7 +81,7 @@ class Context:
                 ref = models.load_pretrained(mcfg.ref_name_or_path, mcfg)
                 ref = models.frozen_copy(ref)
             else:
-                ref = models.frozen_copy(self.policy)
+                ref = models.frozen_copy(self._initial_policy() if self._initial_policy else self.policy)
             self.set_reference(ref)
         return self._reference  # type: ignore[return-value]
 
@@ -255,7 +260,8 @@ def lr_factor(step: int, cfg: DictConfig) -> float:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_float))
+    # strict JSON: a non-finite number is written as null (docs/reliability.md)
+    tmp.write_text(json.dumps(finite_or_none(data), indent=2, sort_keys=True, default=_float, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -263,11 +269,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run one training job described by ``cfg``; return the summary."""
+    """Run one training job described by ``cfg``; return the summary.
+
+    SIGINT/SIGTERM during training finish the current step, write a checkpoint and raise
+    :class:`~rlfuse.errors.Interrupted` (see :mod:`rlfuse.stops`).
+    """
+    with stops.catch_signals() as stop:
+        return _train(cfg, run_dir, stop)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals) -> dict[str, Any]:
     from rlfuse import kernels
 
     run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
+    check_ranges(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = resume_point(cfg, run_dir)
+    changes = check_config(cfg, ckpt) if ckpt is not None else {}
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     kernels.set_default_backend(cfg.kernels.backend)
@@ -288,9 +306,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         groups, betas=tuple(cfg.trainer.betas), eps=cfg.trainer.eps, weight_decay=cfg.trainer.weight_decay
     )
 
-    start, summary = 0, {}
-    if cfg.trainer.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start, summary = load_checkpoint(ctx, opt, ckpt)
+    start, summary, state = 0, {}, {}
+    if ckpt is not None:
+        start, state = load_checkpoint(ctx, opt, ckpt)
+        summary = dict(state.get("summary", {}))
+        print(f"[rlfuse] resumed from {ckpt} (step {start})")
+        if changes:
+            _record_changes(ctx, start, changes, summary)
+    counters = dict(state.get("counters", {"skipped_steps": 0}))
+    skip_mode = cfg.trainer.nonfinite == "skip"
 
     params = [p for g in groups for p in g["params"]]
     t0 = time.perf_counter()
@@ -305,6 +329,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, cfg)
         metrics = _train_step(ctx, opt, params, step)
+        counters["skipped_steps"] += int(metrics.pop("_skipped", 0))
+        if skip_mode:
+            metrics["optim/skipped_steps"] = counters["skipped_steps"]
         elapsed = time.perf_counter() - step_t0
         metrics["perf/step_time"] = elapsed
         metrics["perf/tokens_per_s"] = metrics.pop("_tokens") / elapsed
@@ -317,12 +344,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         last = step + 1 == cfg.trainer.max_steps
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
             _evaluate(ctx, step + 1)
+        if stop.requested:
+            stop.exit(save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters}), step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and not last:
-            save_checkpoint(ctx, opt, step + 1, {"summary": summary})
+            save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters})
 
     ctx.step = cfg.trainer.max_steps
-    eval_metrics = _evaluate(ctx, cfg.trainer.max_steps)
-    summary.update({f"{k}_after": v for k, v in eval_metrics.items()})
+    if not (state.get("final") and start >= cfg.trainer.max_steps):  # else: evaluated before the final checkpoint
+        eval_metrics = _evaluate(ctx, cfg.trainer.max_steps)
+        summary.update({f"{k}_after": v for k, v in eval_metrics.items()})
+    if skip_mode:
+        summary["skipped_steps"] = counters["skipped_steps"]
     summary.update(
         {
             "steps": cfg.trainer.max_steps,
@@ -334,10 +366,31 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     )
     save_policy(ctx, run_dir / "final")
     if cfg.trainer.save_every:
-        save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary})
+        save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary, "counters": counters, "final": True})
     ctx.hook.teardown(ctx=ctx, summary=summary)
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def _record_changes(ctx: Context, step: int, changes: dict[str, tuple[Any, Any]], summary: dict[str, Any]) -> None:
+    """A resume allowed to change the config (``trainer.resume_allow_changes``) says so: on the
+    console, in ``summary.json`` and as ``run/resume_changes`` in the metrics."""
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    print(f"[rlfuse] warning: resuming with a changed config (trainer.resume_allow_changes=true): {listed}")
+    summary.setdefault("resume_changes", []).append({"step": step, "changes": {k: list(v) for k, v in changes.items()}})
+    ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, "run/resume_changes": float(len(changes))})
+
+
+def _nonfinite(ctx: Context, step: int, what: str) -> bool:
+    """A reward, loss term or gradient norm was NaN/Inf: raise (``trainer.nonfinite=stop``) or
+    warn and return True, the update to be skipped (``skip``)."""
+    if ctx.cfg.trainer.nonfinite == "stop":
+        raise NonFiniteError(
+            f"step {step + 1}: {what} is not finite (NaN/Inf). trainer.nonfinite=stop: the run stops before "
+            "the weights are updated with it, and writes no final/ (trainer.nonfinite=skip skips such updates)"
+        )
+    print(f"[rlfuse] warning: step {step + 1}: {what} is not finite (NaN/Inf); update skipped (optim/skipped_steps)")
+    return True
 
 
 def _evaluate(ctx: Context, step: int, before: bool = False) -> dict[str, Any]:
@@ -357,6 +410,11 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
         raise PluginError("no rollout plugin returned a batch (is `rollout` configured?)")
     metrics: dict[str, float] = {}
     _apply_rewards(ctx, batch, metrics)
+    bad = [k[len("reward/") : -len("/mean")] for k, v in metrics.items() if k.endswith("/mean") and k.count("/") == 2 and not math.isfinite(v)]
+    if bad and _nonfinite(ctx, step, f"the reward of {', '.join(repr(b) for b in bad)}"):
+        metrics.update({"_skipped": 1, "_tokens": float(batch.num_tokens), "optim/updates": 0})
+        metrics["response/length_mean"] = float(batch.response_lengths().float().mean())
+        return metrics
     adv = ctx.hook.advantage(ctx=ctx, batch=batch)
     if adv is not None:
         batch.advantages, batch.returns = adv.advantages, adv.returns
@@ -366,17 +424,24 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
     mini = cfg.mini_batch_size or n
     micro = cfg.micro_batch_size or mini
     sums: dict[str, float] = defaultdict(float)  # summed over optimiser steps
-    n_updates = 0
+    n_updates = n_minibatches = skipped = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n) if cfg.shuffle else torch.arange(n)
         for s in range(0, n, mini):
             mb = batch.select(order[s : s + mini])
             totals = {"tokens": max(float(mb.response_mask.sum()), 1.0), "sequences": float(len(mb))}
             step_terms: dict[str, float] = defaultdict(float)
+            skip = False
             for part in mb.split(micro):
                 part.totals = totals
-                terms, stats = _collect_losses(ctx, part)
-                sum(terms.values()).backward()
+                sources: dict[str, str] = {}
+                terms, stats = _collect_losses(ctx, part, sources)
+                bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
+                if bad:  # never back-propagated: the gradients stay finite
+                    what = ", ".join(f"loss term '{k}' (from {sources.get(k) or 'a loss plugin'})" for k in bad)
+                    skip = _nonfinite(ctx, step, what)
+                else:
+                    sum(terms.values()).backward()
                 for k, v in terms.items():
                     step_terms[k] += float(v.detach())
                 for k, v in stats.items():  # row-weighted mean over micro-batches
@@ -387,19 +452,32 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
             if cfg.max_grad_norm:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 sums["optim/grad_norm"] += float(gn)
-            opt.step()
+            elif not skip:
+                gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not skip and not math.isfinite(float(gn)):
+                skip = _nonfinite(ctx, step, f"the gradient norm ({float(gn)})")
+            if skip:  # neither the weights nor the optimiser state see it
+                skipped += 1
+            else:
+                opt.step()
+                n_updates += 1
             opt.zero_grad(set_to_none=True)
-            n_updates += 1
+            n_minibatches += 1
             ctx.hook.sync(ctx=ctx, step=step)
     for k, v in sums.items():
-        metrics[k] = v / n_updates
+        metrics[k] = v / n_minibatches
     metrics["optim/updates"] = n_updates
+    if skipped:
+        metrics["_skipped"] = 1
     metrics["response/length_mean"] = float(batch.response_lengths().float().mean())
     metrics["_tokens"] = float(batch.num_tokens * cfg.epochs)
     return metrics
 
 
-def _collect_losses(ctx: Context, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _collect_losses(
+    ctx: Context, batch: Batch, sources: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every loss plugin's terms and statistics; ``sources`` (if given) gets term -> plugin."""
     terms: dict[str, torch.Tensor] = {}
     stats: dict[str, Any] = {}
     for out in ctx.hook.loss(ctx=ctx, batch=batch):
@@ -413,6 +491,8 @@ def _collect_losses(ctx: Context, batch: Batch) -> tuple[dict[str, torch.Tensor]
             if k in terms:
                 raise PluginError(f"two loss plugins returned a term named '{k}'")
             terms[k] = v
+            if sources is not None:
+                sources[k] = getattr(out, "source", "")
         stats.update(new_stats)
     if not terms:
         raise PluginError("no loss plugin returned a term (is `loss` configured?)")

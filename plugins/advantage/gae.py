@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rlfuse import hookimpl
+from rlfuse.errors import one_of, require
 from rlfuse.data import Advantages, Batch, LossOutput
 
 
@@ -31,6 +32,13 @@ class Config:
     value_coef: float = 0.5  # weight of the value loss
     value_clip: float | None = 0.2  # clip range of the value update (null = unclipped)
     value_lr: float | None = None  # learning rate of the value head (default: algo.lr)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]", self.gamma)
+        require(0 <= self.lam <= 1, "lam", "in [0, 1]", self.lam)
+        require(self.value_coef >= 0, "value_coef", ">= 0", self.value_coef)
+        require(self.value_clip is None or self.value_clip > 0, "value_clip", "> 0 or null", self.value_clip)
+        require(self.value_lr is None or self.value_lr > 0, "value_lr", "> 0 or null", self.value_lr)
 
 
 def token_rewards(batch: Batch) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlfuse import hookimpl
+from rlfuse.errors import one_of, require
 from rlfuse.data import Batch, LossOutput
 from rlfuse.plugins._data.pairs import split_pairs
 
@@ -75,6 +76,12 @@ class Config:
     eval_pairs: int = 200  # first N held-out pairs (0 = no evaluation)
     eval_batch_size: int = 100  # pairs per forward in evaluate
     stats_pairs: int = 1000  # training pairs scored at teardown for the saved mean/std
+
+    def __post_init__(self) -> None:
+        require(self.head_lr is None or self.head_lr > 0, "head_lr", "> 0 or null", self.head_lr)
+        require(self.eval_pairs >= 0, "eval_pairs", ">= 0", self.eval_pairs)
+        require(self.eval_batch_size >= 1, "eval_batch_size", ">= 1", self.eval_batch_size)
+        require(self.stats_pairs >= 0, "stats_pairs", ">= 0", self.stats_pairs)
 
 
 class Plugin:

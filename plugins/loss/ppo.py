@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
+from rlfuse.errors import one_of, require
 from rlfuse.data import Batch, LossOutput
 from rlfuse.kernels import PolicyLossConfig, clipped_policy_loss
 
@@ -32,6 +33,17 @@ class Config:
     kl_clamp: float | None = None  # clamp of the k3 value
     entropy_coef: float = 0.0  # entropy bonus
 
+    def __post_init__(self) -> None:
+        require(self.clip_low >= 0, "clip_low", ">= 0", self.clip_low)
+        require(self.clip_high >= 0, "clip_high", ">= 0", self.clip_high)
+        require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null", self.dual_clip)
+        one_of("aggregation", self.aggregation, AGGREGATIONS)
+        require(self.norm_length is None or self.norm_length >= 1, "norm_length", ">= 1 or null", self.norm_length)
+        require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
+        one_of("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        require(self.kl_clamp is None or self.kl_clamp > 0, "kl_clamp", "> 0 or null", self.kl_clamp)
+        require(self.entropy_coef >= 0, "entropy_coef", ">= 0", self.entropy_coef)
+
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -40,12 +52,6 @@ class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "ppo") -> None:
-        if cfg.aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss.{name}.aggregation must be one of {AGGREGATIONS}, got '{cfg.aggregation}'")
-        if cfg.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"loss.{name}.kl_estimator must be k1, k2 or k3, got '{cfg.kl_estimator}'")
-        if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-            raise ValueError(f"loss.{name}.dual_clip must be > 1, got {cfg.dual_clip}")
         self.cfg = cfg
         self.options = PolicyLossConfig(
             clip_low=cfg.clip_low,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
+from rlfuse.errors import one_of, require
 from rlfuse.data import Batch
 from rlfuse.plugins._data.records import (
     completion_text,
@@ -27,6 +28,9 @@ from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
 class Config:
     batch_size: int = 32
     shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
 class Plugin(StreamPlugin):
