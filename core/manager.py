@@ -27,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlfuse import hookspecs
+from rlfuse.config import CORE_SECTION_KEYS, MULTI_GROUPS, SINGLE_GROUPS
 from rlfuse.data import LossOutput
 from rlfuse.errors import ConfigError, RlfuseError
-from rlfuse.config import CORE_SECTION_KEYS, MULTI_GROUPS, SINGLE_GROUPS
 
 GROUP = hookspecs.PROJECT
 

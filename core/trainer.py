@@ -34,9 +34,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rlfuse import models
-from rlfuse import stops
-from rlfuse.checkpoint import check_config, load_checkpoint, merge, resume_point, save_checkpoint, save_policy
+from rlfuse import models, stops
+from rlfuse.checkpoint import (
+    check_config,
+    load_checkpoint,
+    merge,
+    resume_point,
+    save_checkpoint,
+    save_policy,
+)
 from rlfuse.config import check_ranges
 from rlfuse.data import Batch, ForwardOutput, LossOutput
 from rlfuse.errors import NonFiniteError

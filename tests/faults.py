@@ -5,7 +5,8 @@ unless told to by environment variables, so the same config runs with and withou
 (a resume must not see a config change):
 
 * ``RLFUSE_FAULT_KILL_AT=N``: SIGKILL the process right after training step N is logged;
-* ``RLFUSE_FAULT_TERM_AT=N``: send SIGTERM to the process at that point (a safe stop);
+* ``RLFUSE_FAULT_TERM_AT=N``: send SIGTERM to the process at that point (a safe stop;
+  ``RLFUSE_FAULT_SIGNAL=SIGINT`` sends that signal instead);
 * ``RLFUSE_FAULT_STAGE=name``: only in the pipeline stage whose run dir is named ``name``;
 * ``RLFUSE_FAULT_RSS=path``: append ``step rss_bytes`` lines to ``path`` (memory checks).
 """
@@ -37,4 +38,4 @@ def log(ctx: Any, step: int, metrics: dict[str, float]) -> None:
     if os.environ.get("RLFUSE_FAULT_KILL_AT") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("RLFUSE_FAULT_TERM_AT") == str(step):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("RLFUSE_FAULT_SIGNAL", "SIGTERM")))

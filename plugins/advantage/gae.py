@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Advantages, Batch, LossOutput
+from rlfuse.errors import require
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Advantages, Batch
+from rlfuse.errors import require
 from rlfuse.plugins.advantage._common import broadcast, group_index, group_stats, sequence_returns
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Advantages, Batch
+from rlfuse.errors import require
 from rlfuse.plugins.advantage._common import returns_to_go, sequence_returns, token_rewards
 
 

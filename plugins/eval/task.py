@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
-from rlfuse.plugins._sampling import SamplingConfig, sample
+from rlfuse.errors import require
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
+from rlfuse.plugins._sampling import SamplingConfig, sample
 from rlfuse.plugins.reward.rule import load_function
 
 

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Batch, LossOutput
+from rlfuse.errors import require
 from rlfuse.plugins._data.pairs import split_pairs
 
 Tensor = torch.Tensor

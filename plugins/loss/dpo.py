@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Batch, LossOutput
+from rlfuse.errors import one_of, require
 from rlfuse.plugins._data.pairs import split_pairs
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Batch, LossOutput
+from rlfuse.errors import one_of, require
 from rlfuse.kernels import PolicyLossConfig, clipped_policy_loss
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Batch
+from rlfuse.errors import one_of
 
 
 @dataclass

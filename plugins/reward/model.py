@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Batch
+from rlfuse.errors import one_of, require
 from rlfuse.plugins._data.records import Record, encode_answer, encode_prompt, pack, prompt_text
 from rlfuse.plugins.loss.bradley_terry import STATS_FILE, last_token_index
 

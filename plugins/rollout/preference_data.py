@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Batch
+from rlfuse.errors import require
 from rlfuse.plugins._data.pairs import PairItem, load_pairs, pair_batch
 from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
 

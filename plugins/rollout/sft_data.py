@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
-from rlfuse.errors import one_of, require
 from rlfuse.data import Batch
+from rlfuse.errors import require
 from rlfuse.plugins._data.records import (
     completion_text,
     encode_answers,

@@ -281,15 +281,17 @@ def test_inf_loss_term_stops_naming_term_and_plugin(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- safe stops
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_finishes_the_step_checkpoints_and_exits_non_zero(tmp_path, monkeypatch, sig, code):
     from rlfuse.errors import Interrupted
 
     monkeypatch.setenv("RLFUSE_FAULT_TERM_AT", "1")
+    monkeypatch.setenv("RLFUSE_FAULT_SIGNAL", sig)
     run = tmp_path / "run"
     over = FAULTS + ["trainer.max_steps=3"]
-    with pytest.raises(Interrupted, match=r"(?s)SIGTERM after step 1.*step_0000001.*resume") as info:
+    with pytest.raises(Interrupted, match=rf"(?s){sig} after step 1.*step_0000001.*resume") as info:
         run_job(BASE + over, run)
-    assert info.value.exit_code == 143
+    assert info.value.exit_code == code
     no_finished_run(run)
     assert (run / "checkpoints" / "step_0000001" / "trainer_state.pt").exists()
     monkeypatch.delenv("RLFUSE_FAULT_TERM_AT")
