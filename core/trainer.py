@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rlfuse import models, stops
+from rlfuse import models, runinfo, stops
 from rlfuse.checkpoint import (
     check_config,
     load_checkpoint,
@@ -75,6 +75,8 @@ class Context:
         self._train_records: list[Any] = []
         self.metrics: dict[str, float] = {}  # extra metrics for the current step
         self.reward_weights: dict[str, float] = {}
+        self.run_info = runinfo.current()  # sweep group and overrides of this job (rlfuse.runinfo)
+        self.batch: Batch | None = None  # this step's rollout batch, rewarded, with advantages
 
     # -- models ----------------------------------------------------------------------
     @property
@@ -186,14 +188,15 @@ class Context:
         (``reward.<name>``), unweighted, each summed per sequence: ``{score name: (B,)}``.
 
         For evaluators that want a reward's opinion of other responses (``eval=task``'s
-        ``scorers``); the training rewards are the core's business, not this.
+        ``scorers``); the training rewards are the core's business, not this. A name that is
+        not a configured reward raises ``LookupError``.
         """
         chosen = []
         for name in rewards:
             plugin = self.pm.get_plugin(f"reward.{name}")
             if plugin is None:
                 configured = sorted(n.split(".", 1)[1] for n, _ in self.pm.list_name_plugin() if n.startswith("reward."))
-                raise PluginError(f"'{name}' is not a configured reward (configured: {', '.join(configured) or 'none'})")
+                raise LookupError(f"'{name}' is not a configured reward (configured: {', '.join(configured) or 'none'})")
             chosen.append(plugin)
         others = [p for p in self.pm.get_plugins() if all(p is not c for c in chosen)]
         caller = self.pm.subset_hook_caller("reward", remove_plugins=others)
@@ -346,6 +349,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
         metrics.update(ctx.metrics)
         metrics["step"] = step + 1
         ctx.hook.log(ctx=ctx, step=step + 1, metrics=metrics)
+        ctx.batch = None  # loggers have seen it; free it before the next rollout
         summary["last"] = metrics
         last = step + 1 == cfg.trainer.max_steps
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
@@ -425,6 +429,7 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
     if adv is not None:
         batch.advantages, batch.returns = adv.advantages, adv.returns
         metrics.update({k: _float(v) for k, v in adv.metrics.items()})
+    ctx.batch = batch
 
     n = len(batch)
     mini = cfg.mini_batch_size or n
@@ -523,6 +528,7 @@ def _apply_rewards(ctx: Context, batch: Batch, metrics: dict[str, float]) -> Non
                     f"reward '{name}' returned shape {tuple(scores.shape)}; expected (B,)={len(batch)} "
                     f"or (B, T)={tuple(batch.input_ids.shape)}"
                 )
+            batch.extras[f"reward/{name}"] = per_seq  # (B,) unweighted, for loggers' sample tables
             metrics[f"reward/{name}/mean"] = float(per_seq.mean())
             metrics[f"reward/{name}/std"] = float(per_seq.std()) if len(per_seq) > 1 else 0.0
     if seq is None and tok is None:

@@ -18,8 +18,8 @@ import torch
 from rlfuse import hookimpl
 from rlfuse.errors import require
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
+from rlfuse.plugins._rules import call_rule, load_function
 from rlfuse.plugins._sampling import SamplingConfig, sample
-from rlfuse.plugins.reward.rule import load_function
 
 
 @dataclass
@@ -77,12 +77,17 @@ class Plugin:
             chunk = self.items[s : s + self.cfg.batch_size]
             batch = sample(ctx.policy, ctx.tokenizer, [p for p, _ in chunk], self.sampling, ctx.device)
             batch.rows = [row for _, row in chunk]
-            for p, r, row in zip(batch.prompts, batch.responses, batch.rows, strict=True):
-                true.append(float(self.fn(prompt=p, response=r, **{k: v for k, v in row.items() if k not in ("prompt", "messages")})))
+            chunk_true = call_rule(self.fn, batch.prompts, batch.responses, batch.rows)
+            true += chunk_true
+            for p, r, t in zip(batch.prompts, batch.responses, chunk_true, strict=True):
                 if len(examples) < self.cfg.samples:
-                    examples.append({"prompt": p, "response": r, "reward": true[-1]})
+                    examples.append({"prompt": p, "response": r, "reward": t})
             for n in self.cfg.scorers:
-                scores[n].append(torch.cat([v.cpu() for v in ctx.score(batch, [n]).values()]))
+                try:
+                    scored = ctx.score(batch, [n])
+                except LookupError as e:
+                    raise ValueError(f"eval.{self.name}.scorers names '{n}', which is not a configured reward ({e})") from None
+                scores[n].append(torch.cat([v.cpu() for v in scored.values()]))
         out = {
             "eval/reward": sum(true) / len(true),
             "eval/exact": sum(t == 1.0 for t in true) / len(true),

@@ -12,40 +12,27 @@ aggregation modes and KL estimators).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch, LossOutput
-from rlfuse.errors import one_of, require
+from rlfuse.errors import require
 from rlfuse.kernels import PolicyLossConfig, clipped_policy_loss
 
 
-@dataclass
-class Config:
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # > clip_low = DAPO's clip-higher
-    dual_clip: float | None = None  # c > 1 bounds the loss of negative advantages (Ye et al. 2020)
-    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-    norm_length: int | None = None  # constant of seq-mean-token-sum-norm (default: padded length)
-    kl_coef: float = 0.0  # KL to the reference as a loss term (0 = off; PPO puts it in the reward)
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    kl_clamp: float | None = None  # clamp of the k3 value
-    entropy_coef: float = 0.0  # entropy bonus
+class Config(PolicyLossConfig):
+    """The kernel's own options (:class:`rlfuse.kernels.PolicyLossConfig`): clip_low/high,
+    dual_clip, aggregation, norm_length, kl_coef (KL to the reference as a loss term; PPO puts
+    it in the reward instead), kl_estimator, kl_clamp, entropy_coef. Its ``__post_init__``
+    checks the values, so a bad one is a config error naming the key; the ranges it leaves
+    open are checked here."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.clip_low >= 0, "clip_low", ">= 0", self.clip_low)
         require(self.clip_high >= 0, "clip_high", ">= 0", self.clip_high)
-        require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null", self.dual_clip)
-        one_of("aggregation", self.aggregation, AGGREGATIONS)
-        require(self.norm_length is None or self.norm_length >= 1, "norm_length", ">= 1 or null", self.norm_length)
         require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
-        one_of("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        require(self.kl_clamp is None or self.kl_clamp > 0, "kl_clamp", "> 0 or null", self.kl_clamp)
         require(self.entropy_coef >= 0, "entropy_coef", ">= 0", self.entropy_coef)
-
-
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 class Plugin:
@@ -53,17 +40,7 @@ class Plugin:
 
     def __init__(self, cfg: Config, name: str = "ppo") -> None:
         self.cfg = cfg
-        self.options = PolicyLossConfig(
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip,
-            kl_coef=cfg.kl_coef,
-            kl_estimator=cfg.kl_estimator,
-            kl_clamp=cfg.kl_clamp,
-            entropy_coef=cfg.entropy_coef,
-            aggregation=cfg.aggregation,
-            norm_length=cfg.norm_length,
-        )
+        self.options = cfg  # the kernel reads this dataclass directly
 
     @hookimpl
     def setup(self, ctx: Any) -> None:
@@ -95,5 +72,5 @@ class Plugin:
         if res.entropy is not None:
             metrics["policy/entropy"] = res.entropy
         if ref is not None:
-            metrics["policy/kl_ref"] = res.kl
+            metrics["kl/ref_token"] = res.kl
         return LossOutput(terms={"policy": res.loss}, metrics=metrics)

@@ -70,8 +70,8 @@ CONFIG = [  # (overrides, the key the message must name)
     (["model=hf"], "model.name_or_path"),
     # plugin options, checked by each plugin's Config
     (["loss.ppo.clip_low=-1"], "loss.ppo.clip_low"),
-    (["loss.ppo.aggregation=mean"], "loss.ppo.aggregation"),
-    (["loss.ppo.dual_clip=0.5"], "loss.ppo.dual_clip"),
+    (["loss.ppo.aggregation=mean"], "loss.ppo': aggregation"),  # checked by the kernel options dataclass
+    (["loss.ppo.dual_clip=0.5"], "loss.ppo': dual_clip"),
     (["loss.ppo.kl_coef=-0.1"], "loss.ppo.kl_coef"),
     (["+loss.ppo.clip_lw=0.1"], "loss.ppo.clip_lw"),  # a typo is an error, not a silent default
     (["rollout.batch_size=0"], "rollout.batch_size"),
