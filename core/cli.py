@@ -42,6 +42,13 @@ def commands() -> dict[str, Any]:
 
 
 def main() -> None:
+    """The ``rlfuse`` command; rlfuse's own errors end as one clear message (rlfuse.errors)."""
+    from rlfuse.errors import run_cli
+
+    run_cli(_main)
+
+
+def _main() -> None:
     from rlfuse.help import handle_help
 
     handle_help(sys.argv)  # `rlfuse --help` (rlfuse's own) exits; `--hydra-help` becomes Hydra's

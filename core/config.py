@@ -29,6 +29,7 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
+    kind: str = "tiny"  # tiny: name_or_path may be null (build the tiny model) | hf: name_or_path required
     name_or_path: str | None = None  # local folder or hub name; null = build the tiny model
     tokenizer: str | None = None  # default: same as name_or_path
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -70,7 +71,12 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     eval_every: int = 0  # steps between evaluations (0 = only before and after)
     save_every: int = 0  # steps between checkpoints (0 = only the final one)
-    resume: bool = False  # continue from the last checkpoint in the run dir
+    keep_last: int = 2  # complete checkpoints kept in <run_dir>/checkpoints
+    # auto: continue from the newest complete checkpoint in the run dir, or start fresh;
+    # true: continue, and fail if there is none; false: start fresh (fails on an earlier run).
+    resume: Any = "auto"
+    resume_allow_changes: bool = False  # resume although the config differs from the checkpoint's
+    nonfinite: str = "stop"  # NaN/Inf reward, loss term or grad norm: stop (error) | skip (the update)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch.set_num_threads
     progress: bool = True  # console progress bar
@@ -134,17 +140,28 @@ class RlfuseConfig:
 SINGLE_GROUPS = ("rollout", "advantage", "sync")  # one section with a `plugin` key
 MULTI_GROUPS = ("reward", "loss", "logger", "eval", "plugins")  # {name: section}
 
+# Keys of a component section that the core consumes itself and never passes to the plugin:
+# key -> (the groups whose sections may carry it, its default). The one place they are declared;
+# :func:`rlfuse.manager.load_plugins` returns their values per section name.
+#   weight: the factor the core multiplies the scores a reward plugin returns under the
+#           section's name by, before summing them into ``batch.rewards`` (docs/hooks.md).
+CORE_SECTION_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "weight": (("reward",), 1.0),
+}
+
 
 def check(cfg: Any) -> None:
     """Reject top-level keys the schema does not know (``+trainr.x=1`` is a typo, not a new
     setting); Hydra's struct mode already rejects unknown nested keys."""
     import dataclasses
 
+    from rlfuse.errors import ConfigError
+
     known = {f.name for f in dataclasses.fields(RlfuseConfig)} | {"hydra"}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ValueError(
-            f"Unknown config key(s) at the top level: {', '.join(unknown)}. Known: {', '.join(sorted(known - {'hydra'}))}"
+        raise ConfigError(
+            ", ".join(unknown), f"unknown config key(s) at the top level. Known: {', '.join(sorted(known - {'hydra'}))}"
         )
 
 
@@ -160,3 +177,70 @@ def register_configs() -> None:
     for name, node in plugin_defaults().items():
         cs.store(group="plugin_defaults", name=name, node=node)
     searchpath.enable()
+
+
+# --------------------------------------------------------------------- range checks
+
+DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Check the ranges of the core's settings before anything is built: one
+    :class:`~rlfuse.errors.ConfigError` naming the key and the allowed values.
+
+    Types are the schema's business (Hydra rejects ``trainer.max_steps=abc``); component
+    sections are checked by each plugin's ``Config`` (see :mod:`rlfuse.manager`).
+    """
+    import math
+
+    from omegaconf import OmegaConf
+
+    from rlfuse.errors import ConfigError, one_of, require
+
+    t, a, m, d = cfg.trainer, cfg.algo, cfg.model, cfg.data
+    require(t.max_steps >= 1, "trainer.max_steps", ">= 1", t.max_steps)
+    require(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
+    for key in ("mini_batch_size", "micro_batch_size", "threads"):
+        v = t[key]
+        require(v is None or v >= 1, f"trainer.{key}", ">= 1 or null", v)
+    if t.mini_batch_size and t.micro_batch_size:
+        require(t.micro_batch_size <= t.mini_batch_size, "trainer.micro_batch_size",
+                f"<= trainer.mini_batch_size ({t.mini_batch_size})", t.micro_batch_size)
+    require(t.weight_decay >= 0, "trainer.weight_decay", ">= 0", t.weight_decay)
+    betas = list(t.betas)
+    require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "trainer.betas", "two numbers in [0, 1)", betas)
+    require(t.eps > 0, "trainer.eps", "> 0", t.eps)
+    require(t.warmup_steps >= 0, "trainer.warmup_steps", ">= 0", t.warmup_steps)
+    one_of("trainer.schedule", t.schedule, ("constant", "cosine", "linear"))
+    require(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
+    g = t.max_grad_norm
+    require(g is None or (g > 0 and math.isfinite(g)), "trainer.max_grad_norm", "> 0 or null", g)
+    require(t.eval_every >= 0, "trainer.eval_every", ">= 0 (0 = only before and after)", t.eval_every)
+    require(t.save_every >= 0, "trainer.save_every", ">= 0 (0 = only the final checkpoint)", t.save_every)
+    require(t.keep_last >= 1, "trainer.keep_last", ">= 1", t.keep_last)
+    one_of("trainer.resume", t.resume, ("auto", True, False))
+    one_of("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    kind, _, index = str(t.device).partition(":")
+    require(kind in DEVICE_KINDS and (not index or (kind == "cuda" and index.isdigit())), "trainer.device",
+            "auto, cpu, cuda, cuda:N or mps", t.device)
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", "asks for CUDA, which is not available on this machine", t.device)
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError("trainer.device", f"names a GPU this machine lacks ({torch.cuda.device_count()} visible)", t.device)
+    require(a.lr > 0 and math.isfinite(a.lr), "algo.lr", "> 0", a.lr)
+    one_of("model.kind", m.kind, ("tiny", "hf"))
+    if OmegaConf.is_missing(m, "name_or_path") or (m.kind == "hf" and not m.name_or_path):
+        raise ConfigError("model.name_or_path", "is required by this model config (a local folder or hub name)")
+    one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    tiny = m.tiny
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+        require(tiny[key] >= 1, f"model.tiny.{key}", ">= 1", tiny[key])
+    require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size",
+            f"a multiple of model.tiny.num_heads ({tiny.num_heads})", tiny.hidden_size)
+    require(d.max_prompt_length >= 1, "data.max_prompt_length", ">= 1", d.max_prompt_length)
+    require(d.max_length >= 1, "data.max_length", ">= 1", d.max_length)
+    one_of("data.truncation", d.truncation, ("left", "error"))
+    one_of("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))

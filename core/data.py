@@ -44,6 +44,11 @@ class Batch:
     # Counts over the whole mini-batch a micro-batch belongs to (set by the trainer):
     # {"tokens": masked response tokens, "sequences": rows}. Loss plugins divide by these.
     totals: dict[str, float] = field(default_factory=dict)
+    # The no-grad forward of the policy that generated this batch, set by an online rollout
+    # (``rollout=generate`` computes it for the old log-probs, with hidden states) so a
+    # plugin needing the same numbers (the critic's old values) reuses it instead of a second
+    # forward. Only on the rollout batch: ``select`` does not carry it to sub-batches.
+    rollout_forward: ForwardOutput | None = field(default=None, repr=False)
     # Per-micro-batch scratch space (the trainer's shared forward pass lives here).
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -75,6 +80,8 @@ class Batch:
             v = getattr(self, f.name)
             if f.name == "totals":
                 kw[f.name] = {}
+            elif f.name == "rollout_forward":
+                kw[f.name] = None
             elif f.name == "cache":  # remember where the rows came from (see `root_rows`)
                 kw[f.name] = {"parent": (self, idx)}
             elif f.name == "extras":
@@ -132,6 +139,7 @@ class LossOutput:
 
     terms: dict[str, Tensor]  # scalar tensors; the core adds them all
     metrics: dict[str, float | Tensor] = field(default_factory=dict)  # averaged over micro-batches
+    source: str = ""  # the plugin that returned it (set by the core; names it in errors)
 
 
 @dataclass

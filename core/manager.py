@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import math
 import os
 from importlib.metadata import entry_points
 from typing import Any
@@ -27,6 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlfuse import hookspecs
+from rlfuse.config import CORE_SECTION_KEYS, MULTI_GROUPS, SINGLE_GROUPS
+from rlfuse.data import LossOutput
+from rlfuse.errors import ConfigError, RlfuseError
 
 GROUP = hookspecs.PROJECT
 BUILTIN_DIST = "rlfuse"  # the distribution whose entry points are the built-in plugins
@@ -53,8 +57,18 @@ def enabled_entry_points(group: str) -> list[Any]:
     return [ep for ep in eps if ok(ep)]
 
 
-class PluginError(RuntimeError):
+class PluginError(RlfuseError, RuntimeError):
     """A plugin could not be found, loaded, configured or failed while running a hook."""
+
+
+class PluginConfigError(PluginError, ConfigError):
+    """A plugin's config section is invalid: ``Config error at 'loss.ppo.clip_low': ...``."""
+
+
+class UnknownPluginError(PluginError):
+    """The config names a plugin that is neither installed nor importable."""
+
+    exit_code = 2
 
 
 def available_plugins() -> dict[str, str]:
@@ -72,12 +86,12 @@ def resolve(name: str) -> Any:
             raise PluginError(f"Error importing plugin '{name}' ({eps[name].value}): {e}") from e
     module_name, _, attr = name.partition(":")
     if not module_name.replace(".", "").replace("_", "").isalnum():
-        raise PluginError(_unknown(name))
+        raise UnknownPluginError(_unknown(name))
     try:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):  # the named module itself is missing
-            raise PluginError(_unknown(name)) from e
+            raise UnknownPluginError(_unknown(name)) from None
         raise PluginError(f"Error importing plugin '{name}': {e}") from e
     except Exception as e:  # noqa: BLE001 - re-raised with the plugin's name
         raise PluginError(f"Error importing plugin '{name}': {e}") from e
@@ -147,6 +161,8 @@ def instantiate(obj: Any, options: dict[str, Any], *, name: str, where: str) -> 
         return obj(cfg, name=name) if _accepts_name(obj) else obj(cfg)
     except PluginError:
         raise
+    except ConfigError as e:  # a check in the constructor, naming its key
+        raise PluginConfigError(f"{where}.{e.key}", e.problem, e.value) from None
     except Exception as e:  # noqa: BLE001
         raise PluginError(f"Plugin '{name}' at '{where}' failed to start: {e}") from e
 
@@ -165,14 +181,81 @@ def validate(schema: type, options: dict[str, Any] | DictConfig, *, where: str) 
         raise PluginError(f"{where}: Config must be a dataclass, got {schema!r}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), options or {})
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)  # runs the Config's __post_init__ checks
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         at = f"{where}.{key}" if key else where
         msg = str(e).splitlines()[0]
-        raise PluginError(f"Config error at '{at}': {msg}") from None
-    except (ValueError, TypeError) as e:  # the dataclass's own checks (__post_init__)
-        raise PluginError(f"Config error at '{where}': {e}") from None
+        raise PluginConfigError(at, msg) from None
+    except ConfigError as e:
+        raise PluginConfigError(f"{where}.{e.key}", e.problem, e.value) from None
+    except (ValueError, TypeError) as e:  # the dataclass's own checks (__post_init__) without a key
+        raise PluginConfigError(where, str(e)) from None
+
+
+def load_plugins(cfg: DictConfig, pm: PluginManager) -> dict[str, dict[str, Any]]:
+    """Register the plugin of every component section of ``cfg`` with ``pm``.
+
+    A section is ``{plugin: NAME, ...options}``; the options are validated against the
+    plugin's ``Config``. Keys the core consumes itself (:data:`rlfuse.config.CORE_SECTION_KEYS`,
+    e.g. a reward's ``weight``) are taken out first, in the groups that declare them.
+
+    :returns: ``{core key: {section name: value}}`` for every core key, e.g.
+        ``{"weight": {"rule": 1.0, "length": 0.25}}`` (single groups use the group's name).
+    """
+    consumed: dict[str, dict[str, Any]] = {key: {} for key in CORE_SECTION_KEYS}
+    for group, key, where, name, opts in _sections(cfg):
+        for core_key, value in _core_keys(group, where, opts).items():
+            consumed[core_key][str(key)] = value
+        inst_name = name if group in SINGLE_GROUPS else str(key)
+        plugin = instantiate(resolve(name), opts, name=inst_name, where=where)
+        pm.register_plugin(plugin, name=where)
+    return consumed
+
+
+def check_sections(cfg: DictConfig) -> None:
+    """Validate every component section of ``cfg`` against its plugin's ``Config`` (types,
+    unknown keys, the ``__post_init__`` range checks) without starting any plugin: a pipeline
+    checks all its stages this way before the first one trains."""
+    for group, _, where, name, opts in _sections(cfg):
+        _core_keys(group, where, opts)
+        obj = resolve(name)
+        if inspect.ismodule(obj) and isinstance(getattr(obj, "Plugin", None), type):
+            obj = obj.Plugin
+        schema = getattr(obj, "Config", None) if isinstance(obj, type) else None
+        if schema is not None:
+            validate(schema, opts, where=where)
+
+
+def _sections(cfg: DictConfig) -> Any:
+    """(group, key, where, plugin name, options) of every component section of ``cfg``."""
+    for group in SINGLE_GROUPS + MULTI_GROUPS:
+        node = cfg.get(group) or {}
+        sections = {group: node} if group in SINGLE_GROUPS else dict(node)
+        if group in SINGLE_GROUPS and not node:
+            continue
+        for key, section in sections.items():
+            if section is None:
+                continue
+            where = group if group in SINGLE_GROUPS else f"{group}.{key}"
+            opts = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+            if not isinstance(opts, dict) or "plugin" not in opts:
+                raise PluginConfigError(where, "missing 'plugin' (an entry-point name or dotted path)")
+            opts = dict(opts)
+            yield group, key, where, opts.pop("plugin"), opts
+
+
+def _core_keys(group: str, where: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Take the keys the core consumes (CORE_SECTION_KEYS) out of a section's options."""
+    out = {}
+    for core_key, (groups, default) in CORE_SECTION_KEYS.items():
+        if group in groups:
+            value = opts.pop(core_key, default)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok:
+                raise PluginConfigError(f"{where}.{core_key}", "must be a finite number", value)
+            out[core_key] = value
+    return out
 
 
 class PluginManager(pluggy.PluginManager):
@@ -203,6 +286,12 @@ class PluginManager(pluggy.PluginManager):
                 f"Plugin '{name}' implements a hook that does not exist: {e}. "
                 f"Known hooks: {', '.join(sorted(self.hook.__dict__))}"
             ) from e
+        if not self.get_hookcallers(plugin):
+            self.unregister(name=unique)
+            raise PluginError(
+                f"Plugin '{name}' ({getattr(plugin, '__name__', type(plugin).__name__)}) implements no hook: "
+                f"decorate its hook functions with @rlfuse.hookimpl. Known hooks: {', '.join(sorted(self.hook.__dict__))}"
+            )
         self._name_errors(unique, plugin)
         return unique
 
@@ -218,7 +307,12 @@ def _named(fn: Any, plugin: str, hook: str) -> Any:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            if hook == "loss" and isinstance(out, dict):  # a plain dict of terms: tag it too
+                out = LossOutput(terms=out)
+            if isinstance(out, LossOutput) and not out.source:
+                out.source = plugin  # a non-finite term is reported with its plugin
+            return out
         except PluginError:
             raise
         except Exception as e:

@@ -6,6 +6,9 @@ metric either fits one below or adds its namespace here (and to docs/metrics.md)
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 NAMESPACES: dict[str, str] = {
     "reward": "the step's rewards: reward/mean, reward/std (weighted total) and reward/<component>/{mean,std}",
     "loss": "loss terms as the loss plugins returned them (loss/<term>) and loss/total",
@@ -21,6 +24,7 @@ NAMESPACES: dict[str, str] = {
     "sync": "parameter exchange between ranks/agents: bytes, seconds, participants",
     "consensus": "the decentralized algorithm: distance of each agent to the consensus",
     "data": "data pipeline counters (skipped rows, truncations)",
+    "run": "the run's own bookkeeping: resume_changes (config keys a resume was allowed to change)",
 }
 
 NON_METRIC_KEYS = ("step", "stage")  # bookkeeping columns of a metrics.jsonl row
@@ -34,3 +38,48 @@ def namespace(key: str) -> str:
 def unknown_keys(keys: list[str] | set[str]) -> list[str]:
     """Keys that are neither bookkeeping columns nor in a documented namespace."""
     return sorted(k for k in keys if k not in NON_METRIC_KEYS and namespace(k) not in NAMESPACES)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN/Inf float replaced by None, recursively (dicts, lists, tuples;
+    0-d tensors and NumPy scalars become floats first): strict JSON has no NaN literal, so
+    metrics.jsonl and summary.json write a non-finite value as ``null``."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if not isinstance(obj, (bool, int, str)) and hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def truncate_jsonl(path: Any, step: int) -> int:
+    """Drop the rows of a JSONL log whose ``step`` is after ``step`` (a resume from the
+    checkpoint of that step logs them again); returns how many were dropped. Written
+    atomically; a missing file is left missing."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):  # a line cut by the kill
+            dropped += 1
+            continue
+        if isinstance(row_step, (int, float)) and row_step > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return dropped

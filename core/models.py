@@ -12,6 +12,7 @@ from torch import nn
 
 from rlfuse.config import ModelConfig
 from rlfuse.data import Batch, ForwardOutput
+from rlfuse.errors import ConfigError, RlfuseError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,13 +71,42 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> nn.Module:
     return model
 
 
+class ModelError(RlfuseError):
+    """A model or tokenizer named in the config could not be loaded."""
+
+
+def check_model_path(path: str, key: str, need: str = "config.json") -> None:
+    """A clear error for a local model folder that cannot hold a model: a file, a missing
+    folder given as a path, a folder without ``need``. Hub names (``org/name``) pass."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        raise ConfigError(key, "is a file; expected a model folder (save_pretrained) or a hub name", path)
+    if p.is_dir():
+        if not any(p.iterdir()):
+            raise ConfigError(key, "is an empty folder; expected a model folder (save_pretrained)", path)
+        if need and not (p / need).exists():
+            raise ConfigError(key, f"is a folder without {need}: not a save_pretrained model folder", path)
+    elif path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+        raise ConfigError(key, "no such folder", path)
+
+
+def _load(what: str, path: str, key: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except (OSError, ValueError, ImportError) as e:  # transformers' own errors for a bad model/tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load the {what} '{path}' ({key}): {first}") from e
+
+
 def load_tokenizer(cfg: ModelConfig):
     path = cfg.tokenizer or cfg.name_or_path
     if path is None:
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    check_model_path(path, key, need="")
+    tok = _load("tokenizer", path, key, lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -101,11 +131,11 @@ def load_pretrained(path: str, cfg: ModelConfig) -> nn.Module:
 
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
-    if Path(path).is_dir() is False and Path(path).exists():
-        raise ValueError(f"model.name_or_path '{path}' is a file, expected a model folder")
-    return AutoModelForCausalLM.from_pretrained(
+    key = "model.ref_name_or_path" if path == cfg.ref_name_or_path else "model.name_or_path"
+    check_model_path(path, key)
+    return _load("model", path, key, lambda: AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-    )
+    ))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

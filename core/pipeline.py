@@ -17,7 +17,10 @@ overrides (except ``algo=``), so ``rlfuse trainer.max_steps=5`` shortens every s
 with ``algo_overrides: false`` (the warm-up) does not take the user's ``algo.*`` overrides:
 ``rlfuse algo=grpo algo.lr=5e-4`` sets GRPO's learning rate, not the SFT warm-up's.
 ``init_from: other`` starts the stage from ``<run_dir>/<other>/final``. A stage whose
-``summary.json`` exists is skipped, so re-running an interrupted pipeline continues it.
+``summary.json`` exists is skipped, so re-running an interrupted pipeline continues it: the
+interrupted stage resumes from its newest checkpoint (``trainer.resume=auto``), later
+stages start fresh. Every stage's config is composed and validated (ranges, plugin options)
+before the first one trains.
 
 A single-stage preset with ``algo.warmup`` (the RL presets: a randomly initialised tiny
 model cannot be trained by RL alone) becomes the pipeline ``warmup -> preset`` when the
@@ -34,7 +37,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rlfuse import distributed
-from rlfuse.config import check
+from rlfuse.checkpoint import latest_checkpoint
+from rlfuse.config import check, check_ranges
+from rlfuse.errors import ConfigError
+from rlfuse.manager import check_sections
 from rlfuse.trainer import train, write_json_atomic
 
 STAGE_KEYS = {"algo", "overrides", "init_from", "algo_overrides"}
@@ -43,6 +49,7 @@ STAGE_KEYS = {"algo", "overrides", "init_from", "algo_overrides"}
 def run(cfg: DictConfig, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run ``cfg``: a single job, or every stage of a pipeline preset."""
     check(cfg)
+    check_ranges(cfg)
     dist = distributed.init_from(cfg)
     # under torchrun every rank must use rank 0's run dir (Hydra's timestamps may differ)
     run_dir = Path(dist.all_gather_object(str(run_dir or cfg.run_dir or "outputs/run"), what="run dir")[0])
@@ -84,6 +91,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
     metrics_lines: list[str] = []
     last = None
     plans = []  # compose every stage first: a bad override fails before any training
+    resume_true = any(_key(o) == "trainer.resume" and o.split("=", 1)[1].strip().lower() == "true" for o in user)
     used: set[str] = set()
     for name, stage in cfg.algo.stages.items():
         unknown = set(stage) - STAGE_KEYS
@@ -104,10 +112,21 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         mine = [o for o in mine if _applies(plain, o)]
         used.update(mine)
         stage_over = base + mine
-        plans.append((name, stage, stage_dir, stage_over, _compose(stage_over)))
+        if resume_true and latest_checkpoint(stage_dir) is None:
+            stage_over.append("trainer.resume=auto")  # `true` is for the interrupted stage; later ones start
+        stage_cfg = _compose(stage_over)
+        check_ranges(stage_cfg)
+        check_sections(stage_cfg)
+        plans.append((name, stage, stage_dir, stage_over, stage_cfg))
     unused = [o for o in user if o not in used]
     if unused:
-        raise ValueError(f"override(s) {unused} match no key in any stage of algo={cfg.algo.name}")
+        raise ConfigError(
+            ", ".join(_key(o) for o in unused), f"override(s) {unused} match no key in any stage of algo={cfg.algo.name}"
+        )
+    if resume_true and not any(
+        (d / "summary.json").exists() or latest_checkpoint(d) for _, _, d, _, _ in plans
+    ):
+        raise ConfigError("trainer.resume", f"is true, but no stage of {run_dir} has a checkpoint or has finished")
     for name, stage, stage_dir, stage_over, stage_cfg in plans:
         done = stage_dir / "summary.json"
         if done.exists():

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,14 +34,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rlfuse import distributed, models, runinfo
-from rlfuse.config import MULTI_GROUPS, SINGLE_GROUPS
+from rlfuse import distributed, models, runinfo, stops
+from rlfuse.checkpoint import (
+    check_config,
+    load_checkpoint,
+    merge,
+    resume_point,
+    save_checkpoint,
+    save_policy,
+)
+from rlfuse.config import check_ranges
 from rlfuse.data import Batch, ForwardOutput, LossOutput
-from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
+from rlfuse.errors import NonFiniteError
+from rlfuse.manager import PluginError, PluginManager, load_plugins
+from rlfuse.metrics import finite_or_none
 
 
 class Context:
-    """What every hook receives: the config, the models and a few services of the core."""
+    """What every hook receives: the config, the models and a few services of the core.
+
+    Plugins use only the public attributes and methods below (docs/hooks.md lists them);
+    they never reach into ``ctx._private`` state or fetch other plugins out of ``ctx.pm``.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, pm: PluginManager) -> None:
         self.cfg = cfg
@@ -56,6 +69,10 @@ class Context:
         self.modules = nn.ModuleDict()  # extra trainable modules (value head, ...)
         self._module_lrs: dict[str, float | None] = {}
         self._reference: nn.Module | None = None
+        self._reference_version = 0
+        self._initial_policy: Any = None  # set by a resume: rebuilds the policy as it started
+        self._forward_needs = {"entropy": False, "hidden": False}
+        self._train_records: list[Any] = []
         self.metrics: dict[str, float] = {}  # extra metrics for the current step
         self.reward_weights: dict[str, float] = {}
         self.run_info = runinfo.current()  # sweep group and overrides of this job (rlfuse.runinfo)
@@ -73,9 +90,26 @@ class Context:
                 ref = models.load_pretrained(mcfg.ref_name_or_path, mcfg)
                 ref = models.frozen_copy(ref)
             else:
-                ref = models.frozen_copy(self.policy)
-            self._reference = ref.to(self.device)
-        return self._reference
+                ref = models.frozen_copy(self._initial_policy() if self._initial_policy else self.policy)
+            self.set_reference(ref)
+        return self._reference  # type: ignore[return-value]
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the reference model is in memory now (reading ``reference`` builds it)."""
+        return self._reference is not None
+
+    @property
+    def reference_version(self) -> int:
+        """A counter that changes whenever the reference model is built or replaced (0 = never
+        built), so a plugin caching reference results knows when they went stale."""
+        return self._reference_version
+
+    def set_reference(self, model: nn.Module) -> None:
+        """Replace the frozen reference (a sync plugin refreshing it, a resume restoring it)."""
+        model.eval().requires_grad_(False)
+        self._reference = model.to(self.device)
+        self._reference_version += 1
 
     def drop_reference(self) -> None:
         """Free the reference model (e.g. after its log-probs were all precomputed)."""
@@ -89,6 +123,24 @@ class Context:
         self._module_lrs[name] = lr
         return self.modules[name]
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: the policy's trainable parameters at ``lr``, then
+        each added module at its own lr (or ``lr``)."""
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": lr}]
+        for name, module in self.modules.items():
+            groups.append({"params": list(module.parameters()), "lr": self._module_lrs[name] or lr})
+        return groups
+
+    # -- the shared forward pass -------------------------------------------------------
+    def require_forward(self, *, entropy: bool = False, hidden: bool = False) -> None:
+        """Declare, from a plugin's ``setup``, what the shared policy forward must produce.
+
+        The first ``ctx.forward(batch)`` of a micro-batch then computes everything every
+        plugin declared, whatever order pluggy calls the loss plugins in.
+        """
+        self._forward_needs["entropy"] |= entropy
+        self._forward_needs["hidden"] |= hidden
+
     def forward(
         self,
         batch: Batch,
@@ -99,12 +151,14 @@ class Context:
     ) -> ForwardOutput:
         """Token log-probs (and entropy / final hidden states) of ``batch`` under ``model``.
 
-        With ``model=None`` (the policy, with gradients) the result -- log-probs, entropy and
-        hidden states -- is computed once per micro-batch and shared by every loss plugin.
+        With ``model=None`` (the policy, with gradients) the result is computed once per
+        micro-batch and shared by every loss plugin; it holds what was asked here plus what
+        the plugins declared with :meth:`require_forward`.
         """
         if model is not None:
             return models.forward(model, batch, entropy=entropy, hidden=hidden)
-        entropy = True
+        entropy = entropy or self._forward_needs["entropy"]
+        hidden = hidden or self._forward_needs["hidden"]
         cached: ForwardOutput | None = batch.cache.get("forward")
         if (
             cached is None
@@ -128,6 +182,41 @@ class Context:
                 root.ref_logprobs = out.logprobs * root.response_mask
             batch.ref_logprobs = root.ref_logprobs if rows is None else root.ref_logprobs[rows.to(root.ref_logprobs.device)]
         return batch.ref_logprobs
+
+    # -- services between plugins ------------------------------------------------------
+    def score(self, batch: Batch, rewards: list[str]) -> dict[str, torch.Tensor]:
+        """Scores of ``batch`` by the configured reward components named in ``rewards``
+        (``reward.<name>``), unweighted, each summed per sequence: ``{score name: (B,)}``.
+
+        For evaluators that want a reward's opinion of other responses (``eval=task``'s
+        ``scorers``); the training rewards are the core's business, not this. A name that is
+        not a configured reward raises ``LookupError``.
+        """
+        chosen = []
+        for name in rewards:
+            plugin = self.pm.get_plugin(f"reward.{name}")
+            if plugin is None:
+                configured = sorted(n.split(".", 1)[1] for n, _ in self.pm.list_name_plugin() if n.startswith("reward."))
+                raise LookupError(f"'{name}' is not a configured reward (configured: {', '.join(configured) or 'none'})")
+            chosen.append(plugin)
+        others = [p for p in self.pm.get_plugins() if all(p is not c for c in chosen)]
+        caller = self.pm.subset_hook_caller("reward", remove_plugins=others)
+        out: dict[str, torch.Tensor] = {}
+        for result in caller(ctx=self, batch=batch):
+            for k, v in (result or {}).items():
+                out[k] = v.float().reshape(len(batch), -1).sum(-1)
+        return out
+
+    def set_train_records(self, records: list[Any]) -> None:
+        """Called by a data (rollout) plugin at setup with every training record it reads."""
+        self._train_records = list(records)
+
+    @property
+    def train_records(self) -> list[Any]:
+        """The training records the rollout plugin published (empty if none): what a loss
+        plugin scores ahead of training (DPO's reference precompute) or after it (the reward
+        model's score statistics)."""
+        return self._train_records
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Add metrics to the current step's log line."""
@@ -181,100 +270,34 @@ def lr_factor(step: int, cfg: DictConfig) -> float:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_float))
+    # strict JSON: a non-finite number is written as null (docs/reliability.md)
+    tmp.write_text(json.dumps(finite_or_none(data), indent=2, sort_keys=True, default=_float, allow_nan=False))
     os.replace(tmp, path)
-
-
-def load_plugins(cfg: DictConfig, pm: PluginManager) -> dict[str, float]:
-    """Register the plugin of every component section; return the reward weights."""
-    weights: dict[str, float] = {}
-    for group in SINGLE_GROUPS + MULTI_GROUPS:
-        node = cfg.get(group) or {}
-        sections = {group: node} if group in SINGLE_GROUPS else dict(node)
-        if group in SINGLE_GROUPS and not node:
-            continue
-        for key, section in sections.items():
-            if section is None:
-                continue
-            where = group if group in SINGLE_GROUPS else f"{group}.{key}"
-            opts = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-            if not isinstance(opts, dict) or "plugin" not in opts:
-                raise PluginError(f"Config error at '{where}': missing 'plugin' (an entry-point name or dotted path)")
-            name = opts.pop("plugin")
-            if group == "reward":
-                weights[str(key)] = float(opts.pop("weight", 1.0))
-            inst_name = name if group in SINGLE_GROUPS else str(key)
-            plugin = instantiate(resolve(name), opts, name=inst_name, where=where)
-            pm.register_plugin(plugin, name=where)
-    return weights
-
-
-# ------------------------------------------------------------------------- checkpoints
-
-
-def save_policy(ctx: Context, folder: Path) -> None:
-    """Write a ``save_pretrained`` folder (+ extra modules) atomically."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ctx.policy.save_pretrained(tmp)
-    ctx.tokenizer.save_pretrained(tmp)
-    if len(ctx.modules):
-        torch.save(ctx.modules.state_dict(), tmp / "rlfuse_modules.pt")
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: dict[str, Any]) -> Path:
-    ckpt_dir = ctx.run_dir / "checkpoints"
-    folder = ckpt_dir / f"step_{step:07d}"
-    save_policy(ctx, folder)
-    trainer_state = {
-        "step": step,
-        "optimizer": opt.state_dict(),
-        "plugins": _merge(ctx.hook.save_state(ctx=ctx)),
-        "rng": {"torch": torch.random.get_rng_state(), "python": random.getstate()},
-        **state,
-    }
-    if torch.cuda.is_available():
-        trainer_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = folder / "trainer_state.pt.tmp"
-    torch.save(trainer_state, tmp)
-    os.replace(tmp, folder / "trainer_state.pt")
-    for old in sorted(ckpt_dir.glob("step_*"))[:-2]:  # keep the last two
-        if old.suffix not in (".tmp", ".old"):
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = [p for p in sorted((run_dir / "checkpoints").glob("step_*")) if (p / "trainer_state.pt").exists()]
-    return done[-1] if done else None
-
-
-def _merge(dicts: list[dict[str, Any] | None]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for d in dicts:
-        if d:
-            out.update(d)
-    return out
 
 
 # ------------------------------------------------------------------------- the loop
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run one training job described by ``cfg``; return the summary."""
+    """Run one training job described by ``cfg``; return the summary.
+
+    SIGINT/SIGTERM during training finish the current step, write a checkpoint and raise
+    :class:`~rlfuse.errors.Interrupted` (see :mod:`rlfuse.stops`).
+    """
+    with stops.catch_signals() as stop:
+        return _train(cfg, run_dir, stop)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals) -> dict[str, Any]:
     from rlfuse import kernels
 
     run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
+    check_ranges(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.init_from(cfg)
     cfg = distributed.for_rank(cfg, dist.rank)  # heterogeneous agents: algo.agents[rank]
+    ckpt = resume_point(cfg, run_dir)
+    changes = check_config(cfg, ckpt) if ckpt is not None else {}
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     kernels.set_default_backend(cfg.kernels.backend)
@@ -284,24 +307,28 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     pm = PluginManager()
     ctx = Context(cfg, run_dir, pm)
-    ctx.reward_weights = load_plugins(cfg, pm)
+    ctx.reward_weights = {k: float(w) for k, w in load_plugins(cfg, pm)["weight"].items()}
     ctx.tokenizer = models.load_tokenizer(cfg.model)
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed).to(ctx.device)
     ctx.hook.setup(ctx=ctx)
     distributed.prepare(ctx)  # same initial weights on every rank
 
-    groups = [{"params": [p for p in ctx.policy.parameters() if p.requires_grad], "lr": cfg.algo.lr}]
-    for name, module in ctx.modules.items():
-        groups.append({"params": list(module.parameters()), "lr": ctx._module_lrs[name] or cfg.algo.lr})
+    groups = ctx.param_groups(cfg.algo.lr)
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(
         groups, betas=tuple(cfg.trainer.betas), eps=cfg.trainer.eps, weight_decay=cfg.trainer.weight_decay
     )
 
-    start, summary = 0, {}
-    if cfg.trainer.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start, summary = _resume(ctx, opt, ckpt)
+    start, summary, state = 0, {}, {}
+    if ckpt is not None:
+        start, state = load_checkpoint(ctx, opt, ckpt)
+        summary = dict(state.get("summary", {}))
+        print(f"[rlfuse] resumed from {ckpt} (step {start})")
+        if changes:
+            _record_changes(ctx, start, changes, summary)
+    counters = dict(state.get("counters", {"skipped_steps": 0}))
+    skip_mode = cfg.trainer.nonfinite == "skip"
 
     params = [p for g in groups for p in g["params"]]
     t0 = time.perf_counter()
@@ -316,6 +343,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, cfg)
         metrics = _train_step(ctx, opt, params, step)
+        counters["skipped_steps"] += int(metrics.pop("_skipped", 0))
+        if skip_mode:
+            metrics["optim/skipped_steps"] = counters["skipped_steps"]
         elapsed = time.perf_counter() - step_t0
         metrics["perf/step_time"] = elapsed
         metrics["perf/tokens_per_s"] = metrics.pop("_tokens") / elapsed
@@ -331,18 +361,21 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         last = step + 1 == cfg.trainer.max_steps
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
             _evaluate(ctx, step + 1)
+        if stop.requested:
+            stop.exit(_save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters}), step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and not last:
-            if ctx.dist.is_main:
-                save_checkpoint(ctx, opt, step + 1, {"summary": summary})
-            ctx.dist.barrier("checkpoint")
+            _save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters})
 
     ctx.step = cfg.trainer.max_steps
-    eval_metrics = _evaluate(ctx, cfg.trainer.max_steps)
-    summary.update({f"{k}_after": v for k, v in eval_metrics.items()})
+    if not (state.get("final") and start >= cfg.trainer.max_steps):  # else: evaluated before the final checkpoint
+        eval_metrics = _evaluate(ctx, cfg.trainer.max_steps)
+        summary.update({f"{k}_after": v for k, v in eval_metrics.items()})
     if any(ctx.hook.consolidate(ctx=ctx)):  # e.g. the decentralized consensus average
         merged = _evaluate(ctx, cfg.trainer.max_steps, prefix="eval/consolidated/")
         summary.update({f"{k}_after": v for k, v in merged.items()})
         summary["consolidated"] = True
+    if skip_mode:
+        summary["skipped_steps"] = counters["skipped_steps"]
     summary.update(
         {
             "steps": cfg.trainer.max_steps,
@@ -354,8 +387,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     )
     if ctx.dist.is_main:
         save_policy(ctx, run_dir / "final")
-        if cfg.trainer.save_every:
-            save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary})
+    if cfg.trainer.save_every:
+        _save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary, "counters": counters, "final": True})
     ctx.hook.teardown(ctx=ctx, summary=summary)
     if ctx.dist.is_main:
         write_json_atomic(run_dir / "summary.json", summary)
@@ -363,30 +396,42 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
+def _record_changes(ctx: Context, step: int, changes: dict[str, tuple[Any, Any]], summary: dict[str, Any]) -> None:
+    """A resume allowed to change the config (``trainer.resume_allow_changes``) says so: on the
+    console, in ``summary.json`` and as ``run/resume_changes`` in the metrics."""
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    print(f"[rlfuse] warning: resuming with a changed config (trainer.resume_allow_changes=true): {listed}")
+    summary.setdefault("resume_changes", []).append({"step": step, "changes": {k: list(v) for k, v in changes.items()}})
+    if ctx.dist.is_main:
+        ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, "run/resume_changes": float(len(changes))})
+
+
+def _nonfinite(ctx: Context, step: int, what: str) -> bool:
+    """A reward, loss term or gradient norm was NaN/Inf: raise (``trainer.nonfinite=stop``) or
+    warn and return True, the update to be skipped (``skip``)."""
+    if ctx.cfg.trainer.nonfinite == "stop":
+        raise NonFiniteError(
+            f"step {step + 1}: {what} is not finite (NaN/Inf). trainer.nonfinite=stop: the run stops before "
+            "the weights are updated with it, and writes no final/ (trainer.nonfinite=skip skips such updates)"
+        )
+    print(f"[rlfuse] warning: step {step + 1}: {what} is not finite (NaN/Inf); update skipped (optim/skipped_steps)")
+    return True
+
+
+def _save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: dict[str, Any]) -> Path | None:
+    """Rank 0 writes the checkpoint; every rank waits until it is complete."""
+    folder = save_checkpoint(ctx, opt, step, state) if ctx.dist.is_main else None
+    ctx.dist.barrier("checkpoint")
+    return folder
+
+
 def _evaluate(ctx: Context, step: int, before: bool = False, prefix: str = "") -> dict[str, Any]:
-    results = distributed.reduce_eval_metrics(ctx, _merge(ctx.hook.evaluate(ctx=ctx, step=step)), prefix)
+    results = distributed.reduce_eval_metrics(ctx, merge(ctx.hook.evaluate(ctx=ctx, step=step)), prefix)
     if results and ctx.dist.is_main:
         ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, **results})
     if before:
         return {f"{k}_before": v for k, v in results.items()}
     return results
-
-
-def _resume(ctx: Context, opt: torch.optim.Optimizer, ckpt: Path) -> tuple[int, dict[str, Any]]:
-    from transformers import AutoModelForCausalLM
-
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(ctx.policy.parameters()).dtype)
-    ctx.policy.load_state_dict(loaded.state_dict())
-    if (ckpt / "rlfuse_modules.pt").exists():
-        ctx.modules.load_state_dict(torch.load(ckpt / "rlfuse_modules.pt", map_location=ctx.device))
-    opt.load_state_dict(state["optimizer"])
-    ctx.hook.load_state(ctx=ctx, state=state.get("plugins", {}))
-    torch.random.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"]), dict(state.get("summary", {}))
 
 
 def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> dict[str, float]:
@@ -397,6 +442,11 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
         raise PluginError("no rollout plugin returned a batch (is `rollout` configured?)")
     metrics: dict[str, float] = {}
     _apply_rewards(ctx, batch, metrics)
+    bad = [k[len("reward/") : -len("/mean")] for k, v in metrics.items() if k.endswith("/mean") and k.count("/") == 2 and not math.isfinite(v)]
+    if bad and _nonfinite(ctx, step, f"the reward of {', '.join(repr(b) for b in bad)}"):
+        metrics.update({"_skipped": 1, "_tokens": float(batch.num_tokens), "optim/updates": 0})
+        metrics["response/length_mean"] = float(batch.response_lengths().float().mean())
+        return metrics
     adv = ctx.hook.advantage(ctx=ctx, batch=batch)
     if adv is not None:
         batch.advantages, batch.returns = adv.advantages, adv.returns
@@ -407,17 +457,24 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
     mini = cfg.mini_batch_size or n
     micro = cfg.micro_batch_size or mini
     sums: dict[str, float] = defaultdict(float)  # summed over optimiser steps
-    n_updates = 0
+    n_updates = n_minibatches = skipped = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n) if cfg.shuffle else torch.arange(n)
         for s in range(0, n, mini):
             mb = batch.select(order[s : s + mini])
             totals = distributed.batch_totals(ctx, mb)  # global counts under data parallelism
             step_terms: dict[str, float] = defaultdict(float)
+            skip = False
             for part in mb.split(micro):
                 part.totals = totals
-                terms, stats = _collect_losses(ctx, part)
-                sum(terms.values()).backward()
+                sources: dict[str, str] = {}
+                terms, stats = _collect_losses(ctx, part, sources)
+                bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
+                if bad:  # never back-propagated: the gradients stay finite
+                    what = ", ".join(f"loss term '{k}' (from {sources.get(k) or 'a loss plugin'})" for k in bad)
+                    skip = _nonfinite(ctx, step, what)
+                else:
+                    sum(terms.values()).backward()
                 for k, v in terms.items():
                     step_terms[k] += float(v.detach())
                 for k, v in stats.items():  # row-weighted mean over micro-batches
@@ -426,24 +483,39 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
                 sums[f"loss/{k}"] += v
             sums["loss/total"] += sum(step_terms.values())
             distributed.reduce_gradients(ctx, params)
+            if ctx.dist.enabled:  # every rank skips, or none: a skipped update must not split the ranks
+                skip = bool(ctx.dist.all_reduce(torch.tensor([float(skip)]), op="max", what="non-finite check")[0] > 0)
             ctx.hook.before_step(ctx=ctx, step=step)
             if cfg.max_grad_norm:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 sums["optim/grad_norm"] += float(gn)
-            opt.step()
+            elif not skip:
+                gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not skip and not math.isfinite(float(gn)):
+                skip = _nonfinite(ctx, step, f"the gradient norm ({float(gn)})")
+            if skip:  # neither the weights nor the optimiser state see it
+                skipped += 1
+            else:
+                opt.step()
+                n_updates += 1
             opt.zero_grad(set_to_none=True)
-            n_updates += 1
+            n_minibatches += 1
             ctx.hook.sync(ctx=ctx, step=step)
     for k, v in sums.items():
-        metrics[k] = v / n_updates
+        metrics[k] = v / n_minibatches
     metrics["optim/updates"] = n_updates
+    if skipped:
+        metrics["_skipped"] = 1
     metrics["response/length_mean"] = float(batch.response_lengths().float().mean())
     metrics["_tokens"] = float(batch.num_tokens * cfg.epochs)
     metrics["_rows"] = float(len(batch))
     return metrics
 
 
-def _collect_losses(ctx: Context, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _collect_losses(
+    ctx: Context, batch: Batch, sources: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every loss plugin's terms and statistics; ``sources`` (if given) gets term -> plugin."""
     terms: dict[str, torch.Tensor] = {}
     stats: dict[str, Any] = {}
     for out in ctx.hook.loss(ctx=ctx, batch=batch):
@@ -457,6 +529,8 @@ def _collect_losses(ctx: Context, batch: Batch) -> tuple[dict[str, torch.Tensor]
             if k in terms:
                 raise PluginError(f"two loss plugins returned a term named '{k}'")
             terms[k] = v
+            if sources is not None:
+                sources[k] = getattr(out, "source", "")
         stats.update(new_stats)
     if not terms:
         raise PluginError("no loss plugin returned a term (is `loss` configured?)")

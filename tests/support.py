@@ -145,6 +145,6 @@ def encode_pairs(tok, pairs):
 def load_plugins(cfg, pm):
     """Register the plugins a composed config selects; returns the reward weights (the core's
     own loader: ``rlfuse.manager.load_plugins``, formerly ``rlfuse.trainer.load_plugins``)."""
-    from rlfuse import manager, trainer
+    from rlfuse.manager import load_plugins as load
 
-    return (getattr(manager, "load_plugins", None) or trainer.load_plugins)(cfg, pm)
+    return {name: float(w) for name, w in load(cfg, pm)["weight"].items()}

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from rlfuse.errors import RlfuseError
 
-class DataError(ValueError):
+
+class DataError(RlfuseError, ValueError):
     """A data file or row is malformed; the message names the file, line and field."""
 
 

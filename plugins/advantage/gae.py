@@ -21,6 +21,7 @@ from torch import nn
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch, LossOutput
+from rlfuse.errors import require
 from rlfuse.plugins.advantage._common import masked_whiten, token_rewards
 
 
@@ -32,6 +33,13 @@ class Config:
     value_coef: float = 0.5  # weight of the value loss
     value_clip: float | None = 0.2  # clip range of the value update (null = unclipped)
     value_lr: float | None = None  # learning rate of the value head (default: algo.lr)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]", self.gamma)
+        require(0 <= self.lam <= 1, "lam", "in [0, 1]", self.lam)
+        require(self.value_coef >= 0, "value_coef", ">= 0", self.value_coef)
+        require(self.value_clip is None or self.value_clip > 0, "value_clip", "> 0 or null", self.value_clip)
+        require(self.value_lr is None or self.value_lr > 0, "value_lr", "> 0 or null", self.value_lr)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -70,6 +78,7 @@ class Plugin:
         nn.init.zeros_(head.bias)
         dtype = next(ctx.policy.parameters()).dtype
         self.head = ctx.add_module("value_head", head.to(dtype), lr=self.cfg.value_lr)
+        ctx.require_forward(hidden=True)  # the value loss reads the shared forward's hidden states
 
     def values(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) values from (B, T, H) hidden states, aligned with the tokens."""
@@ -78,7 +87,7 @@ class Plugin:
 
     @hookimpl
     def advantage(self, ctx: Any, batch: Batch) -> Advantages:
-        out = batch.cache.get("rollout_forward")
+        out = batch.rollout_forward
         if out is None or out.hidden is None:
             with torch.no_grad():
                 out = ctx.forward(batch, model=ctx.policy, hidden=True)

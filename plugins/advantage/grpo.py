@@ -23,6 +23,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
+from rlfuse.errors import require
 from rlfuse.plugins.advantage._common import broadcast, group_stats, grouped_returns
 
 
@@ -31,6 +32,9 @@ class Config:
     scale_std: bool = True  # divide by the group std (GRPO); false = Dr. GRPO
     unbiased_std: bool = True  # n - 1 (true) or n (false) in the group std
     eps: float = 1e-6  # added to the std
+
+    def __post_init__(self) -> None:
+        require(self.eps >= 0, "eps", ">= 0", self.eps)
 
 
 def group_normalised(
@@ -51,8 +55,6 @@ class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "grpo") -> None:
-        if cfg.eps < 0:
-            raise ValueError(f"advantage.eps must be >= 0, got {cfg.eps}")
         self.cfg = cfg
         self.name = name
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
+from rlfuse.errors import require
 from rlfuse.plugins.advantage._common import returns_to_go, sequence_returns, token_rewards
 
 
@@ -29,13 +30,16 @@ class Config:
     normalize: bool = False  # also divide by the batch std of the returns (not plain REINFORCE)
     eps: float = 1e-8
 
+    def __post_init__(self) -> None:
+        require(0 <= self.decay < 1, "decay", "in [0, 1)", self.decay)
+        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]", self.gamma)
+        require(self.eps >= 0, "eps", ">= 0", self.eps)
+
 
 class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "reinforce") -> None:
-        if not 0 <= cfg.decay < 1:
-            raise ValueError(f"advantage.decay must be in [0, 1), got {cfg.decay}")
         self.cfg = cfg
         self.name = name
         self.baseline: float | None = None

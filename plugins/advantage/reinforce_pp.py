@@ -21,6 +21,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
+from rlfuse.errors import one_of, require
 from rlfuse.plugins.advantage._common import (
     group_stats,
     grouped_returns,
@@ -38,15 +39,16 @@ class Config:
     center: bool | None = None  # subtract the batch mean (default: true unless baseline=group)
     eps: float = 1e-8
 
+    def __post_init__(self) -> None:
+        one_of("baseline", self.baseline, ("none", "group"))
+        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]", self.gamma)
+        require(self.eps >= 0, "eps", ">= 0", self.eps)
+
 
 class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "reinforce_pp") -> None:
-        if cfg.baseline not in ("none", "group"):
-            raise ValueError(f"advantage.baseline must be 'none' or 'group', got '{cfg.baseline}'")
-        if not 0 <= cfg.gamma <= 1:
-            raise ValueError(f"advantage.gamma must be in [0, 1], got {cfg.gamma}")
         self.cfg = cfg
         self.name = name
 

@@ -18,6 +18,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
+from rlfuse.errors import require
 from rlfuse.plugins.advantage._common import (
     broadcast,
     group_stats,
@@ -30,6 +31,9 @@ from rlfuse.plugins.advantage._common import (
 class Config:
     scale_std: bool = False  # also divide by the group std (not part of RLOO; off by default)
     eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        require(self.eps >= 0, "eps", ">= 0", self.eps)
 
 
 def leave_one_out(returns: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

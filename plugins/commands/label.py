@@ -73,12 +73,17 @@ def load_done(out: Path) -> set[int]:
     if not out.exists():
         return set()
     data = out.read_bytes()
-    if data and not data.endswith(b"\n"):  # a hard kill mid-line: drop the partial row
+    if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
-        with out.open("r+b") as f:
-            f.truncate(cut)
-        print(f"rlfuse label: {out}: removed an incomplete last line", file=sys.stderr)
-        data = data[:cut]
+        if _is_row(data[cut:]):  # a complete row without its newline (an editor saved it so): keep it
+            with out.open("ab") as f:
+                f.write(b"\n")
+            data += b"\n"
+        else:  # a hard kill mid-line: drop the partial row
+            with out.open("r+b") as f:
+                f.truncate(cut)
+            print(f"rlfuse label: {out}: removed an incomplete last line", file=sys.stderr)
+            data = data[:cut]
     done = set()
     for i, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -90,6 +95,13 @@ def load_done(out: Path) -> set[int]:
         if isinstance(row, dict) and isinstance(row.get("prompt_index"), int):
             done.add(row["prompt_index"])
     return done
+
+
+def _is_row(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def append_row(fd: int, row: dict[str, Any]) -> None:

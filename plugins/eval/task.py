@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rlfuse import hookimpl
+from rlfuse.errors import require
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins._rules import call_rule, load_function
 from rlfuse.plugins._sampling import SamplingConfig, sample
@@ -31,6 +32,13 @@ class Config:
     scorers: list[str] = field(default_factory=list)  # reward components that also score
     samples: int = 3  # example responses recorded in eval_samples.jsonl
 
+    def __post_init__(self) -> None:
+        require(self.num_prompts >= 1, "num_prompts", ">= 1", self.num_prompts)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        require(self.temperature > 0, "temperature", "> 0", self.temperature)
+        require(self.samples >= 0, "samples", ">= 0", self.samples)
+
 
 class Plugin:
     Config = Config
@@ -38,6 +46,14 @@ class Plugin:
     def __init__(self, cfg: Config, name: str = "task") -> None:
         self.cfg = cfg
         self.name = name
+        self.started = False  # eval_samples.jsonl: started anew by a fresh run
+
+    @hookimpl
+    def load_state(self, ctx: Any) -> None:
+        from rlfuse.metrics import truncate_jsonl
+
+        truncate_jsonl(ctx.run_dir / "eval_samples.jsonl", ctx.step)  # a resume logs later steps again
+        self.started = True
 
     @hookimpl
     def setup(self, ctx: Any) -> None:
@@ -67,25 +83,21 @@ class Plugin:
                 if len(examples) < self.cfg.samples:
                     examples.append({"prompt": p, "response": r, "reward": t})
             for n in self.cfg.scorers:
-                scores[n].append(self._score(ctx, n, batch))
+                try:
+                    scored = ctx.score(batch, [n])
+                except LookupError as e:
+                    raise ValueError(f"eval.{self.name}.scorers names '{n}', which is not a configured reward ({e})") from None
+                scores[n].append(torch.cat([v.cpu() for v in scored.values()]))
         out = {
             "eval/reward": sum(true) / len(true),
             "eval/exact": sum(t == 1.0 for t in true) / len(true),
         }
         for n, parts in scores.items():
             out[f"eval/score/{n}"] = float(torch.cat(parts).mean())
-        with (ctx.run_dir / "eval_samples.jsonl").open("a", encoding="utf-8") as f:
+        with (ctx.run_dir / "eval_samples.jsonl").open("a" if self.started else "w", encoding="utf-8") as f:
+            self.started = True
             import json
 
             for e in examples:
                 f.write(json.dumps({"step": step, **e}) + "\n")
         return out
-
-    def _score(self, ctx: Any, name: str, batch: Any) -> torch.Tensor:
-        plugin = ctx.pm.get_plugin(f"reward.{name}")
-        if plugin is None:
-            raise ValueError(f"eval.{self.name}.scorers names '{name}', which is not a configured reward")
-        others = [p for p in ctx.pm.get_plugins() if p is not plugin]
-        caller = ctx.pm.subset_hook_caller("reward", remove_plugins=others)
-        results = [r for r in caller(ctx=ctx, batch=batch) if r]
-        return torch.cat([v.float().reshape(len(batch), -1).sum(-1).cpu() for r in results for v in r.values()])

@@ -13,7 +13,7 @@ Every W&B call of rlfuse is in this file. On global rank 0 only, at ``setup``:
   ``network_timeout`` seconds, the run is written offline and one line says how to upload it
   (``wandb sync DIR``). ``WANDB_MODE=offline|disabled`` is honoured;
 * the W&B run id is stored in ``<run_dir>/wandb_run_id``: a resumed run
-  (``trainer.resume=true``) continues the same W&B run (``resume="allow"``); under
+  (from a checkpoint, ``trainer.resume=auto|true``) continues the same W&B run (``resume="allow"``); under
   ``wandb agent`` the run is the one the agent created (``WANDB_RUN_ID``).
 
 Then ``log`` sends each step's metrics (the fixed ``namespace/name`` keys) against one x-axis,
@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from rlfuse import hookimpl
+from rlfuse.checkpoint import latest_checkpoint
 
 MODES = ("auto", "online", "offline", "disabled")
 RUN_ID_FILE = "wandb_run_id"
@@ -204,7 +205,10 @@ class Plugin:
         mode, why = resolve_mode(self.cfg.mode, self.cfg.network_timeout)
         self.run_dir = Path(ctx.run_dir)
         id_file = self.run_dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if ctx.cfg.trainer.resume and id_file.exists() else None
+        # the same W&B run only when the core will resume from a checkpoint (trainer.resume=auto
+        # starts fresh when there is none, and a fresh run is a new W&B run)
+        resuming = ctx.cfg.trainer.resume and latest_checkpoint(self.run_dir) is not None
+        run_id = id_file.read_text().strip() if resuming and id_file.exists() else None
         # under `wandb agent` the agent has created the run: WANDB_RUN_ID names it
         run_id = run_id or os.environ.get("WANDB_RUN_ID") or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id + "\n")

@@ -35,6 +35,7 @@ from torch import nn
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch, LossOutput
+from rlfuse.errors import require
 from rlfuse.plugins._data.pairs import split_pairs
 
 Tensor = torch.Tensor
@@ -76,6 +77,12 @@ class Config:
     eval_batch_size: int = 100  # pairs per forward in evaluate
     stats_pairs: int = 1000  # training pairs scored at teardown for the saved mean/std
 
+    def __post_init__(self) -> None:
+        require(self.head_lr is None or self.head_lr > 0, "head_lr", "> 0 or null", self.head_lr)
+        require(self.eval_pairs >= 0, "eval_pairs", ">= 0", self.eval_pairs)
+        require(self.eval_batch_size >= 1, "eval_batch_size", ">= 1", self.eval_batch_size)
+        require(self.stats_pairs >= 0, "stats_pairs", ">= 0", self.stats_pairs)
+
 
 class Plugin:
     Config = Config
@@ -95,6 +102,7 @@ class Plugin:
         nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
         dtype = next(ctx.policy.parameters()).dtype
         self.head = ctx.add_module("reward_head", head.to(dtype), lr=self.cfg.head_lr)
+        ctx.require_forward(hidden=True)  # the score is read from the trunk's last hidden state
         path = ctx.cfg.data.eval_preferences
         if path and self.cfg.eval_pairs:
             self.eval_items = load_pairs(ctx, path)[: self.cfg.eval_pairs]
@@ -158,8 +166,7 @@ class Plugin:
     @hookimpl
     def teardown(self, ctx: Any, summary: dict[str, Any]) -> None:
         folder = ctx.run_dir / self.cfg.output
-        rollout = ctx.pm.get_plugin("rollout")
-        items = list(getattr(rollout, "items", []) or [])[: self.cfg.stats_pairs]
+        items = list(ctx.train_records)[: self.cfg.stats_pairs]
         stats: dict[str, Any] = {"format": FORMAT}
         if items:
             c, r = self._pair_scores(ctx, items)
@@ -200,16 +207,10 @@ def to_sequence_classifier(policy: nn.Module, head: nn.Linear, pad_token_id: int
 
 def save_reward_model(policy: nn.Module, head: nn.Linear, tokenizer: Any, folder: Any, stats: dict[str, Any]) -> None:
     """Write the reward model folder atomically (a re-run never sees a half-written one)."""
-    import os
-    import shutil
+    from rlfuse.checkpoint import atomic_folder
 
     model = to_sequence_classifier(policy, head, tokenizer.pad_token_id)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch, LossOutput
+from rlfuse.errors import one_of, require
 from rlfuse.plugins._data.pairs import split_pairs
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
@@ -109,6 +110,15 @@ class Config:
     eval_batch_size: int = 64  # pairs per forward in evaluate
     eval_pairs: int = 200  # first N held-out pairs (0 = no evaluation)
 
+    def __post_init__(self) -> None:
+        one_of("loss_type", self.loss_type, LOSS_TYPES)
+        require(self.beta > 0, "beta", "> 0", self.beta)
+        require(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        require(not (self.label_smoothing and self.loss_type in ("ipo", "hinge")), "label_smoothing",
+                f"0 for loss_type={self.loss_type} (not defined there)", self.label_smoothing)
+        require(self.eval_batch_size >= 1, "eval_batch_size", ">= 1", self.eval_batch_size)
+        require(self.eval_pairs >= 0, "eval_pairs", ">= 0", self.eval_pairs)
+
 
 def pair_logps(logprobs: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Split a concatenated pair batch: summed response log-probs and lengths per side.
@@ -126,14 +136,6 @@ class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "dpo") -> None:
-        if cfg.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss.{name}.loss_type must be one of {LOSS_TYPES}, got '{cfg.loss_type}'")
-        if cfg.beta <= 0:
-            raise ValueError(f"loss.{name}.beta must be > 0, got {cfg.beta}")
-        if not 0.0 <= cfg.label_smoothing < 0.5:
-            raise ValueError(f"loss.{name}.label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
-        if cfg.label_smoothing and cfg.loss_type in ("ipo", "hinge"):
-            raise ValueError(f"loss.{name}.label_smoothing is not defined for loss_type={cfg.loss_type}")
         self.cfg = cfg
         self.name = name
         self.reference_free = cfg.loss_type == "simpo"
@@ -151,11 +153,10 @@ class Plugin:
                 "training and held-out data needs reference log-probs"
             )
         if self.cfg.cache_reference:
-            ref_model = ctx._reference
-            if ref_model is not None and id(ref_model) != self._ref_id:
+            if ctx.has_reference and ctx.reference_version != self._ref_id:
                 if self._ref_id is not None:
                     self.cache.clear()  # the reference changed (e.g. refreshed by a sync plugin)
-                self._ref_id = id(ref_model)
+                self._ref_id = ctx.reference_version
             if all(k in self.cache for k in keys):
                 c, r = zip(*(self.cache[k] for k in keys), strict=False)
                 dev = batch.input_ids.device
@@ -164,7 +165,7 @@ class Plugin:
             out = ctx.forward(batch, model=ctx.reference)
         _, rc, rr, _, _ = pair_logps(out.logprobs.float(), batch)
         if self._ref_id is None:
-            self._ref_id = id(ctx._reference)
+            self._ref_id = ctx.reference_version
         if self.cfg.cache_reference:
             for k, c, r in zip(keys, rc.tolist(), rr.tolist(), strict=False):
                 self.cache[k] = (c, r)
@@ -181,8 +182,7 @@ class Plugin:
     def _precompute(self, ctx: Any) -> None:
         from rlfuse.plugins._data.pairs import pair_batch
 
-        rollout = ctx.pm.get_plugin("rollout")
-        items = list(getattr(rollout, "items", []) or []) + list(self.eval_items)
+        items = list(ctx.train_records) + list(self.eval_items)
         bs = self.cfg.eval_batch_size
         for s in range(0, len(items), bs):
             chunk = items[s : s + bs]
@@ -196,6 +196,21 @@ class Plugin:
         ctx.record({"pref/precomputed_pairs": len(self.cache)})
 
     # -- hooks ---------------------------------------------------------------------
+    @hookimpl
+    def save_state(self) -> dict[str, Any]:
+        """The cached reference log-probs: a resumed run reuses exactly the numbers the
+        interrupted one computed (and needs no reference at all after a precompute)."""
+        return {f"loss.{self.name}": {"cache": dict(self.cache), "precomputed": self._ref_id == -1,
+                                      "needs_precompute": self._needs_precompute}}
+
+    @hookimpl
+    def load_state(self, state: dict[str, Any]) -> None:
+        s = state.get(f"loss.{self.name}")
+        if s:
+            self.cache = dict(s["cache"])
+            self._ref_id = -1 if s["precomputed"] else None
+            self._needs_precompute = s["needs_precompute"]
+
     @hookimpl
     def setup(self, ctx: Any) -> None:
         from rlfuse.plugins._data.pairs import load_pairs

@@ -16,6 +16,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch, LossOutput
+from rlfuse.errors import require
 from rlfuse.kernels import PolicyLossConfig, clipped_policy_loss
 
 
@@ -23,7 +24,15 @@ class Config(PolicyLossConfig):
     """The kernel's own options (:class:`rlfuse.kernels.PolicyLossConfig`): clip_low/high,
     dual_clip, aggregation, norm_length, kl_coef (KL to the reference as a loss term; PPO puts
     it in the reward instead), kl_estimator, kl_clamp, entropy_coef. Its ``__post_init__``
-    checks the values, so a bad one is a config error naming the key."""
+    checks the values, so a bad one is a config error naming the key; the ranges it leaves
+    open are checked here."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.clip_low >= 0, "clip_low", ">= 0", self.clip_low)
+        require(self.clip_high >= 0, "clip_high", ">= 0", self.clip_high)
+        require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
+        require(self.entropy_coef >= 0, "entropy_coef", ">= 0", self.entropy_coef)
 
 
 class Plugin:
@@ -32,6 +41,10 @@ class Plugin:
     def __init__(self, cfg: Config, name: str = "ppo") -> None:
         self.cfg = cfg
         self.options = cfg  # the kernel reads this dataclass directly
+
+    @hookimpl
+    def setup(self, ctx: Any) -> None:
+        ctx.require_forward(entropy=True)  # logged as policy/entropy (and the entropy bonus)
 
     @hookimpl
     def loss(self, ctx: Any, batch: Batch) -> LossOutput:

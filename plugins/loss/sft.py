@@ -12,6 +12,11 @@ from rlfuse.data import Batch, LossOutput
 
 
 @hookimpl
+def setup(ctx: Any) -> None:
+    ctx.require_forward(entropy=True)  # logged as policy/entropy
+
+
+@hookimpl
 def loss(ctx: Any, batch: Batch) -> LossOutput:
     out = ctx.forward(batch)
     m = batch.response_mask

@@ -19,6 +19,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
+from rlfuse.errors import require
 
 
 @dataclass
@@ -27,6 +28,11 @@ class Config:
     adaptive: bool = False
     target: float = 1.0  # target KL per sequence (nats) for the adaptive controller
     horizon: int = 10000  # samples over which beta adapts
+
+    def __post_init__(self) -> None:
+        require(self.beta >= 0, "beta", ">= 0", self.beta)
+        require(self.target > 0, "target", "> 0", self.target)
+        require(self.horizon > 0, "horizon", "> 0", self.horizon)
 
 
 class KLController:

@@ -19,6 +19,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
+from rlfuse.errors import one_of
 
 
 @dataclass
@@ -28,16 +29,16 @@ class Config:
     unit: str = "chars"  # chars (of the decoded response) | tokens (masked response tokens)
     mode: str = "abs"  # abs | over
 
+    def __post_init__(self) -> None:
+        one_of("unit", self.unit, ("chars", "tokens"))
+        one_of("mode", self.mode, ("abs", "over"))
+
 
 class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "length") -> None:
         where = f"reward.{name}"
-        if cfg.unit not in ("chars", "tokens"):
-            raise ValueError(f"{where}.unit must be 'chars' or 'tokens', got '{cfg.unit}'")
-        if cfg.mode not in ("abs", "over"):
-            raise ValueError(f"{where}.mode must be 'abs' or 'over', got '{cfg.mode}'")
         if cfg.column is None and (cfg.target is None or cfg.target < 1):
             raise ValueError(f"{where}: set `target` (an int >= 1) or `column` (a dataset column)")
         self.cfg = cfg

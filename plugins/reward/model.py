@@ -31,6 +31,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
+from rlfuse.errors import one_of, require
 from rlfuse.plugins._data.records import Record, encode_answer, encode_prompt, pack, prompt_text
 from rlfuse.plugins.loss.bradley_terry import STATS_FILE, last_token_index
 
@@ -44,6 +45,12 @@ class Config:
     clip: float | None = None  # clamp the (normalised) score to [-clip, clip]
     batch_size: int = 64  # responses per reward-model forward
     dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        one_of("normalize", self.normalize, NORMALIZE)
+        require(self.clip is None or self.clip > 0, "clip", "> 0 or null", self.clip)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -83,16 +90,10 @@ class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "model") -> None:
-        if cfg.normalize not in NORMALIZE:
-            raise ValueError(f"reward.{name}.normalize must be one of {NORMALIZE}, got '{cfg.normalize}'")
-        if cfg.clip is not None and cfg.clip <= 0:
-            raise ValueError(f"reward.{name}.clip must be > 0, got {cfg.clip}")
-        from rlfuse.models import DTYPES
-
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"reward.{name}.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
         self.cfg = cfg
         self.name = name
+        from rlfuse.models import DTYPES
+
         self.model, self.tok = load_reward_model(cfg.path, DTYPES[cfg.dtype])
         self.mean, self.std = 0.0, 1.0
         stats_file = Path(cfg.path).expanduser() / STATS_FILE

@@ -13,6 +13,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
+from rlfuse.errors import require
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 from rlfuse.plugins._sampling import SamplingConfig, sample
@@ -28,13 +29,19 @@ class Config:
     top_k: int = 0
     shuffle: bool = True
 
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.n >= 1, "n", ">= 1", self.n)
+        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        require(self.temperature > 0, "temperature", "> 0", self.temperature)
+        require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        require(self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
+
 
 class Plugin(StreamPlugin):
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "generate") -> None:
-        if cfg.batch_size < 1 or cfg.n < 1:
-            raise ValueError("rollout.batch_size and rollout.n must be >= 1")
         self.cfg = cfg
         self.name = name
         self.stream: RecordStream | None = None
@@ -65,5 +72,5 @@ class Plugin(StreamPlugin):
         with torch.no_grad():
             out = ctx.forward(batch, model=ctx.policy, hidden=True)
         batch.old_logprobs = out.logprobs * batch.response_mask
-        batch.cache["rollout_forward"] = out
+        batch.rollout_forward = out
         return batch

@@ -26,6 +26,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
+from rlfuse.errors import require
 from rlfuse.plugins._data.pairs import PairItem, load_pairs, pair_batch
 from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 
@@ -36,6 +37,9 @@ __all__ = ["Config", "Plugin", "PairItem", "load_pairs", "pair_batch"]
 class Config:
     batch_size: int = 32  # pairs per step (the batch has twice as many rows)
     shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
 class Plugin(StreamPlugin):
@@ -53,7 +57,18 @@ class Plugin(StreamPlugin):
     def setup(self, ctx: Any) -> None:
         if not ctx.cfg.data.preferences:
             raise ValueError("rollout=preference_data needs data.preferences (a JSONL file of pairs)")
+        trainer = getattr(ctx.cfg, "trainer", None)
+        rows = 2 * self.cfg.batch_size
+        for key in ("mini_batch_size", "micro_batch_size"):  # chosen rows come first: a cut splits pairs
+            v = getattr(trainer, key, None)
+            if v and v < rows:
+                from rlfuse.errors import ConfigError
+
+                raise ConfigError(f"trainer.{key}", f"null or >= {rows} with rollout=preference_data "
+                                  f"(rollout.batch_size={self.cfg.batch_size} pairs = {rows} rows, chosen rows "
+                                  "first: a smaller cut would split pairs)", v)
         self.items = load_pairs(ctx, ctx.cfg.data.preferences)
+        ctx.set_train_records(self.items)  # for plugins that score every pair (DPO, reward model)
         self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle, **shard(ctx))
 
     @hookimpl

@@ -12,6 +12,7 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
+from rlfuse.errors import require
 from rlfuse.plugins._data.records import (
     completion_text,
     encode_answers,
@@ -27,6 +28,9 @@ from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 class Config:
     batch_size: int = 32
     shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
 class Plugin(StreamPlugin):

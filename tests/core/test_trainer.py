@@ -115,3 +115,33 @@ def test_reference_logprobs_are_computed_once_per_rollout(monkeypatch):
             ref = ctx.ref_logprobs(micro)
             assert torch.equal(ref, micro.input_ids.float() / 100)
     assert calls == [6]
+
+
+def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
+    """What the shared forward must hold is declared at setup (``ctx.require_forward``), so
+    the first loss plugin's call computes it all, whatever order pluggy calls them in; an
+    undeclared call honours its own ``entropy`` argument."""
+    from rlfuse import models
+    from rlfuse.data import ForwardOutput
+    from rlfuse.trainer import Context
+
+    calls = []
+
+    def fake_forward(model, batch, *, entropy=False, hidden=False, **kw):
+        calls.append((entropy, hidden))
+        lp = batch.input_ids.float().requires_grad_()
+        return ForwardOutput(logprobs=lp, entropy=lp if entropy else None, hidden=lp[..., None] if hidden else None)
+
+    monkeypatch.setattr(models, "forward", fake_forward)
+    ctx = Context.__new__(Context)
+    ctx.policy = None
+    ctx._forward_needs = {"entropy": False, "hidden": False}
+    ctx.forward(_batch())
+    assert calls == [(False, False)]  # entropy is no longer forced
+    calls.clear()
+    ctx.require_forward(entropy=True)  # loss=ppo's setup
+    ctx.require_forward(hidden=True)  # advantage=gae's setup
+    b = _batch()
+    ctx.forward(b)  # ppo's loss first: computes hidden states too
+    ctx.forward(b, hidden=True)  # gae's loss: served from the cache
+    assert calls == [(True, True)]

@@ -23,7 +23,7 @@ from rlfuse import models, trainer
 from rlfuse.config import register_configs
 from rlfuse.data import Batch
 from rlfuse.kernels import clipped_policy_loss
-from rlfuse.manager import PluginManager, instantiate, resolve
+from rlfuse.manager import PluginManager, instantiate, load_plugins, resolve
 
 register_configs()
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -44,7 +44,7 @@ def make_ctx(overrides: list[str], dtype: str = "float32") -> trainer.Context:
     cfg = compose_cfg(["eval=[]", "logger=[]", f"model.dtype={dtype}", *overrides])
     pm = PluginManager()
     ctx = trainer.Context(cfg, Path(tempfile.mkdtemp()), pm)
-    ctx.reward_weights = trainer.load_plugins(cfg, pm)
+    ctx.reward_weights = load_plugins(cfg, pm)["weight"]
     ctx.tokenizer = models.load_tokenizer(cfg.model)
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed)
     ctx.hook.setup(ctx=ctx)

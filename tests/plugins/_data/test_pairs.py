@@ -16,7 +16,8 @@ from rlfuse.plugins._data.records import DataError
 def ctx_for(tmp_path, **data):
     d = dict(max_prompt_length=16, max_length=32, truncation="left")
     d.update(data)
-    return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(**d)), tokenizer=build_tiny_tokenizer(), run_dir=tmp_path)
+    return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(**d)), tokenizer=build_tiny_tokenizer(), run_dir=tmp_path,
+                           set_train_records=lambda records: None)
 
 
 def write(path, rows):

@@ -13,6 +13,7 @@ import torch
 from rlfuse import hookimpl, models
 from rlfuse.config import ModelConfig
 from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
+from rlfuse.trainer import Context
 
 PROBE = """
 calls = []
@@ -31,8 +32,10 @@ def ctx(tmp_path, monkeypatch):
     tok = models.build_tiny_tokenizer()
     data = SimpleNamespace(eval_prompts="pkg://rlfuse.plugins/tasks/data/prompts_eval.jsonl",
                            reward_fn="task_probe:reward", max_prompt_length=16, truncation="left")  # fmt: skip
-    return SimpleNamespace(cfg=SimpleNamespace(data=data), tokenizer=tok, device=torch.device("cpu"), run_dir=tmp_path,
-                           policy=models.build_tiny_model(ModelConfig(), tok, 0), pm=PluginManager())  # fmt: skip
+    ns = SimpleNamespace(cfg=SimpleNamespace(data=data), tokenizer=tok, device=torch.device("cpu"), run_dir=tmp_path,
+                         policy=models.build_tiny_model(ModelConfig(), tok, 0), pm=PluginManager())  # fmt: skip
+    ns.score = lambda batch, names: Context.score(ns, batch, names)  # the core's service, on this stand-in
+    return ns
 
 
 def task(**options):

@@ -1,5 +1,6 @@
 """``logger=jsonl``: one JSON object per logged step in ``<run_dir>/metrics.jsonl``; a resumed
-run appends instead of truncating."""
+run drops the rows after its checkpoint's step and appends; a fresh run starts the file anew;
+non-finite values are written as null (strict JSON)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from types import SimpleNamespace
 from rlfuse.manager import instantiate, resolve
 
 
-def ctx(tmp_path, resume=False):
-    return SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(resume=resume)), run_dir=tmp_path)
+def ctx(tmp_path, step=0):
+    return SimpleNamespace(run_dir=tmp_path, step=step)
 
 
 def lines(tmp_path):
@@ -33,10 +34,17 @@ def test_resume_appends_a_fresh_run_truncates(tmp_path):
     p.log(step=1, metrics={"reward/mean": 0.0})
     p.teardown()
     resumed = instantiate(resolve("jsonl"), {}, name="jsonl", where="logger.jsonl")
-    resumed.setup(ctx=ctx(tmp_path, resume=True))
+    resumed.setup(ctx=ctx(tmp_path))
+    resumed.load_state(ctx=ctx(tmp_path, step=1))  # the core resumes from the step-1 checkpoint
     resumed.log(step=2, metrics={"reward/mean": 1.0})
     resumed.teardown()
     assert [r["step"] for r in lines(tmp_path)] == [1, 2]
+    again = instantiate(resolve("jsonl"), {}, name="jsonl", where="logger.jsonl")
+    again.setup(ctx=ctx(tmp_path))
+    again.load_state(ctx=ctx(tmp_path, step=1))  # killed after step 2, resumed from step 1 again
+    again.log(step=2, metrics={"reward/mean": float("nan")})
+    again.teardown()
+    assert lines(tmp_path) == [{"step": 1, "reward/mean": 0.0}, {"step": 2, "reward/mean": None}]  # step 2 once
     fresh = instantiate(resolve("jsonl"), {}, name="jsonl", where="logger.jsonl")
     fresh.setup(ctx=ctx(tmp_path))
     fresh.log(step=1, metrics={"reward/mean": 2.0})

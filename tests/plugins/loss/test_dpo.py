@@ -138,13 +138,22 @@ class FakeCtx:
         self.device = torch.device("cpu")
         self.cfg = SimpleNamespace(data=SimpleNamespace(max_length=32, eval_preferences=None))
         self.rollout = SimpleNamespace(items=[])
-        self.pm = SimpleNamespace(get_plugin=lambda name: self.rollout)
+        self.reference_version = 0
+
+    @property
+    def train_records(self):
+        return self.rollout.items
+
+    @property
+    def has_reference(self):
+        return self._reference is not None
 
     @property
     def reference(self):
         if self._reference is None:
             self.ref_builds += 1
             self._reference = models.frozen_copy(self.policy)
+            self.reference_version += 1
         return self._reference
 
     def drop_reference(self):

@@ -42,7 +42,7 @@ def test_groups_rows_and_old_logprobs():
         lp = models.forward(ctx.policy, batch).logprobs
     torch.testing.assert_close(batch.old_logprobs, lp * m, rtol=1e-5, atol=1e-5)
     assert torch.all(batch.old_logprobs[m == 0] == 0)
-    assert batch.cache["rollout_forward"].hidden is not None  # reused by advantage=gae
+    assert batch.rollout_forward.hidden is not None  # reused by advantage=gae
 
 
 def test_prompt_order_is_seeded_and_resumes():
@@ -63,5 +63,5 @@ def test_prompt_order_is_seeded_and_resumes():
 
 
 def test_bad_sizes_are_errors_naming_the_key():
-    with pytest.raises(PluginError, match="rollout.batch_size and rollout.n"):
+    with pytest.raises(PluginError, match=r"Config error at 'rollout\.n': must be >= 1"):
         instantiate(resolve("generate"), {"n": 0}, name="generate", where="rollout")
