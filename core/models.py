@@ -84,7 +84,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_policy(cfg: ModelConfig, tokenizer: Any, seed: int) -> nn.Module:
     if cfg.name_or_path is None:
-        model = build_tiny_model(cfg, tokenizer, seed).to(DTYPES[cfg.dtype])
+        model = build_tiny_model(cfg, tokenizer, seed).to(DTYPES[cfg.dtype or "float32"])
     else:
         model = load_pretrained(cfg.name_or_path, cfg)
     if model.generation_config is not None:
@@ -99,13 +99,35 @@ def load_policy(cfg: ModelConfig, tokenizer: Any, seed: int) -> nn.Module:
 def load_pretrained(path: str, cfg: ModelConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if cfg.dtype not in DTYPES:
+    dtype = cfg.dtype or "float32"
+    if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
     if Path(path).is_dir() is False and Path(path).exists():
         raise ValueError(f"model.name_or_path '{path}' is a file, expected a model folder")
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        path, dtype=DTYPES[dtype], trust_remote_code=cfg.trust_remote_code
     )
+
+
+def save_pretrained(model: nn.Module, folder: Path, dtype: str | None = None) -> None:
+    """``model.save_pretrained(folder)``, the weights cast to ``dtype`` when given (the
+    model itself keeps its own dtype)."""
+    if dtype is None:
+        model.save_pretrained(folder)
+        return
+    if dtype not in DTYPES:
+        raise ValueError(f"trainer.save_dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state)
+    config = getattr(model, "config", None)
+    if config is not None:  # record the saved dtype, so `from_pretrained(dtype="auto")` loads it as saved
+        cfg_file = Path(folder) / "config.json"
+        if cfg_file.exists():
+            import json
+
+            data = json.loads(cfg_file.read_text())
+            data["dtype"] = data["torch_dtype"] = dtype
+            cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

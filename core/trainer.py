@@ -39,6 +39,7 @@ from rlfuse import models
 from rlfuse.config import MULTI_GROUPS, SINGLE_GROUPS
 from rlfuse.data import Batch, ForwardOutput, LossOutput
 from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
+from rlfuse.precision import Precision
 
 
 class Context:
@@ -50,6 +51,7 @@ class Context:
         self.pm = pm
         self.hook = pm.hook
         self.device = resolve_device(cfg.trainer.device)
+        self.precision = Precision.create(cfg.trainer.precision, self.device, cfg.model.dtype)  # autocast, optimiser
         self.step = 0
         self.tokenizer: Any = None
         self.policy: nn.Module = None  # type: ignore[assignment]
@@ -71,6 +73,8 @@ class Context:
                 ref = models.frozen_copy(ref)
             else:
                 ref = models.frozen_copy(self.policy)
+            if mcfg.ref_dtype:
+                ref = ref.to(models.DTYPES[mcfg.ref_dtype])
             self._reference = ref.to(self.device)
         return self._reference
 
@@ -209,12 +213,13 @@ def load_plugins(cfg: DictConfig, pm: PluginManager) -> dict[str, float]:
 # ------------------------------------------------------------------------- checkpoints
 
 
-def save_policy(ctx: Context, folder: Path) -> None:
-    """Write a ``save_pretrained`` folder (+ extra modules) atomically."""
+def save_policy(ctx: Context, folder: Path, dtype: str | None = None) -> None:
+    """Write a ``save_pretrained`` folder (+ extra modules) atomically; ``dtype`` casts the
+    saved weights (the trained weights themselves are untouched)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ctx.policy.save_pretrained(tmp)
+    models.save_pretrained(ctx.policy, tmp, dtype)
     ctx.tokenizer.save_pretrained(tmp)
     if len(ctx.modules):
         torch.save(ctx.modules.state_dict(), tmp / "rlfuse_modules.pt")
@@ -281,6 +286,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     ctx.reward_weights = load_plugins(cfg, pm)
     ctx.tokenizer = models.load_tokenizer(cfg.model)
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed).to(ctx.device)
+    ctx.precision.prepare(ctx.policy)
     ctx.hook.setup(ctx=ctx)
 
     groups = [{"params": [p for p in ctx.policy.parameters() if p.requires_grad], "lr": cfg.algo.lr}]
@@ -288,7 +294,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         groups.append({"params": list(module.parameters()), "lr": ctx._module_lrs[name] or cfg.algo.lr})
     for g in groups:
         g["base_lr"] = g["lr"]
-    opt = torch.optim.AdamW(
+    opt = ctx.precision.optimizer(
         groups, betas=tuple(cfg.trainer.betas), eps=cfg.trainer.eps, weight_decay=cfg.trainer.weight_decay
     )
 
@@ -336,7 +342,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             "final_policy": str(run_dir / "final"),
         }
     )
-    save_policy(ctx, run_dir / "final")
+    save_policy(ctx, run_dir / "final", dtype=cfg.trainer.save_dtype)
     if cfg.trainer.save_every:
         save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary})
     ctx.hook.teardown(ctx=ctx, summary=summary)
@@ -345,7 +351,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, step: int, before: bool = False) -> dict[str, Any]:
-    results = _merge(ctx.hook.evaluate(ctx=ctx, step=step))
+    with ctx.precision.autocast():
+        results = _merge(ctx.hook.evaluate(ctx=ctx, step=step))
     if results:
         ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, **results})
     if before:
@@ -373,12 +380,14 @@ def _resume(ctx: Context, opt: torch.optim.Optimizer, ckpt: Path) -> tuple[int, 
 def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> dict[str, float]:
     cfg = ctx.cfg.trainer
     ctx.policy.train()
-    batch = ctx.hook.rollout(ctx=ctx, step=step)
+    with ctx.precision.autocast():
+        batch = ctx.hook.rollout(ctx=ctx, step=step)
     if batch is None:
         raise PluginError("no rollout plugin returned a batch (is `rollout` configured?)")
     metrics: dict[str, float] = {}
-    _apply_rewards(ctx, batch, metrics)
-    adv = ctx.hook.advantage(ctx=ctx, batch=batch)
+    with ctx.precision.autocast():
+        _apply_rewards(ctx, batch, metrics)
+        adv = ctx.hook.advantage(ctx=ctx, batch=batch)
     if adv is not None:
         batch.advantages, batch.returns = adv.advantages, adv.returns
         metrics.update({k: _float(v) for k, v in adv.metrics.items()})
@@ -396,8 +405,9 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
             step_terms: dict[str, float] = defaultdict(float)
             for part in mb.split(micro):
                 part.totals = totals
-                terms, stats = _collect_losses(ctx, part)
-                sum(terms.values()).backward()
+                with ctx.precision.autocast():
+                    terms, stats = _collect_losses(ctx, part)
+                ctx.precision.backward(sum(terms.values()))
                 for k, v in terms.items():
                     step_terms[k] += float(v.detach())
                 for k, v in stats.items():  # row-weighted mean over micro-batches
@@ -405,10 +415,11 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
             for k, v in step_terms.items():
                 sums[f"loss/{k}"] += v
             sums["loss/total"] += sum(step_terms.values())
+            ctx.precision.unscale(opt)
             if cfg.max_grad_norm:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 sums["optim/grad_norm"] += float(gn)
-            opt.step()
+            ctx.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             n_updates += 1
             ctx.hook.sync(ctx=ctx, step=step)
