@@ -28,6 +28,17 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``pip install 'rlfuse[lora]'``); ``r: 0`` = off. docs/lora.md"""
+
+    r: int = 0  # adapter rank; 0 = full fine-tuning
+    alpha: float = 16.0  # scale = alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # null = every linear layer but the lm_head ("all-linear")
+    merge_final: bool = False  # also write final/merged: the base with the adapter merged in
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str | None = None  # local folder or hub name; null = build the tiny model
     tokenizer: str | None = None  # default: same as name_or_path
@@ -39,6 +50,7 @@ class ModelConfig:
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

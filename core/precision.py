@@ -54,9 +54,12 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return "fp32"
 
 
-def check_model_dtype(mode: str, model_dtype: str | None) -> None:
+def check_model_dtype(mode: str, model_dtype: str | None, lora: bool = False) -> None:
     """Refuse the combination that silently does not train: low-precision weights under a
-    mode whose optimiser expects fp32 masters."""
+    mode whose optimiser expects fp32 masters. With LoRA the base is frozen: a bf16/fp16 base
+    is fine under a mixed mode (the adapters are fp32, autocast matches the dtypes)."""
+    if lora and model_dtype in _LOW and mode in ("bf16-mixed", "fp16-mixed"):
+        return
     if model_dtype in _LOW and mode in ("fp32", "bf16-mixed", "fp16-mixed"):
         raise ValueError(
             f"model.dtype={model_dtype} with trainer.precision={mode} would train {model_dtype} "
@@ -78,9 +81,9 @@ class Precision:
     scaler: Any = None  # torch.amp.GradScaler for fp16-mixed
 
     @classmethod
-    def create(cls, mode: str, device: torch.device, model_dtype: str | None = None) -> Precision:
+    def create(cls, mode: str, device: torch.device, model_dtype: str | None = None, lora: bool = False) -> Precision:
         mode = resolve_mode(mode, device)
-        check_model_dtype(mode, model_dtype)
+        check_model_dtype(mode, model_dtype, lora)
         scaler = torch.amp.GradScaler(device.type) if mode == "fp16-mixed" else None
         return cls(mode, device, scaler)
 
@@ -101,8 +104,15 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Cast the floating-point weights to :attr:`param_dtype` (fp32 masters or bf16)."""
-        return model.to(self.param_dtype)
+        """Cast the trained weights to :attr:`param_dtype` (fp32 masters, or bf16 for
+        ``bf16-true``, which casts the whole model). Frozen weights (a LoRA base) keep the
+        dtype they were loaded in."""
+        if self.mode == "bf16-true":
+            return model.to(self.param_dtype)
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != self.param_dtype:
+                p.data = p.data.to(self.param_dtype)
+        return model
 
     def optimizer(self, groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
         """AdamW, or :class:`StochasticRoundingAdamW` for ``bf16-true``."""

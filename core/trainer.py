@@ -51,7 +51,9 @@ class Context:
         self.pm = pm
         self.hook = pm.hook
         self.device = resolve_device(cfg.trainer.device)
-        self.precision = Precision.create(cfg.trainer.precision, self.device, cfg.model.dtype)  # autocast, optimiser
+        self.precision = Precision.create(
+            cfg.trainer.precision, self.device, cfg.model.dtype, lora=bool(cfg.model.lora.r)
+        )  # autocast, optimiser
         self.step = 0
         self.tokenizer: Any = None
         self.policy: nn.Module = None  # type: ignore[assignment]
@@ -68,6 +70,9 @@ class Context:
         or ``model.ref_name_or_path``)."""
         if self._reference is None:
             mcfg = self.cfg.model
+            if models.is_peft(self.policy) and not mcfg.ref_name_or_path:  # LoRA: adapters off, no copy
+                self._reference = models.AdapterDisabled(self.policy)
+                return self._reference
             if mcfg.ref_name_or_path:
                 ref = models.load_pretrained(mcfg.ref_name_or_path, mcfg)
                 ref = models.frozen_copy(ref)
@@ -343,6 +348,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         }
     )
     save_policy(ctx, run_dir / "final", dtype=cfg.trainer.save_dtype)
+    if cfg.model.lora.r and cfg.model.lora.merge_final:
+        models.save_merged(ctx.policy, ctx.tokenizer, run_dir / "final" / "merged", cfg.trainer.save_dtype)
     if cfg.trainer.save_every:
         save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary})
     ctx.hook.teardown(ctx=ctx, summary=summary)
@@ -361,11 +368,8 @@ def _evaluate(ctx: Context, step: int, before: bool = False) -> dict[str, Any]:
 
 
 def _resume(ctx: Context, opt: torch.optim.Optimizer, ckpt: Path) -> tuple[int, dict[str, Any]]:
-    from transformers import AutoModelForCausalLM
-
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(ctx.policy.parameters()).dtype)
-    ctx.policy.load_state_dict(loaded.state_dict())
+    models.load_weights(ctx.policy, ckpt)
     if (ckpt / "rlfuse_modules.pt").exists():
         ctx.modules.load_state_dict(torch.load(ckpt / "rlfuse_modules.pt", map_location=ctx.device))
     opt.load_state_dict(state["optimizer"])
