@@ -177,15 +177,21 @@ def load_pretrained(path: str, cfg: ModelConfig) -> nn.Module:
     )
 
 
+def torch_dtype(name: str, key: str) -> torch.dtype:
+    """``DTYPES[name]``, or an error naming the config key."""
+    if name not in DTYPES:
+        raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got '{name}'")
+    return DTYPES[name]
+
+
 def save_pretrained(model: nn.Module, folder: Path, dtype: str | None = None) -> None:
     """``model.save_pretrained(folder)``, the weights cast to ``dtype`` when given (the
     model itself keeps its own dtype). A LoRA model writes its adapter (in its own dtype)."""
     if dtype is None or is_peft(model):
         model.save_pretrained(folder)
         return
-    if dtype not in DTYPES:
-        raise ValueError(f"trainer.save_dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
-    state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    cast = torch_dtype(dtype, "trainer.save_dtype")
+    state = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
     config = getattr(model, "config", None)
     if config is not None:  # record the saved dtype, so `from_pretrained(dtype="auto")` loads it as saved

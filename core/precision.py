@@ -34,8 +34,9 @@ before clipping and :meth:`Precision.step` for the update. Plugins may use
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -86,6 +87,17 @@ class Precision:
         check_model_dtype(mode, model_dtype, lora)
         scaler = torch.amp.GradScaler(device.type) if mode == "fp16-mixed" else None
         return cls(mode, device, scaler)
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: torch.device) -> Precision:
+        """From ``trainer.precision``; also checks ``model.dtype`` / ``model.ref_dtype`` /
+        ``trainer.save_dtype`` before the first step (errors name the key)."""
+        names = ("float32", "bfloat16", "float16")
+        for key, value in (("model.dtype", cfg.model.dtype), ("model.ref_dtype", cfg.model.ref_dtype),
+                           ("trainer.save_dtype", cfg.trainer.save_dtype)):  # fmt: skip
+            if value is not None and value not in names:
+                raise ValueError(f"{key} must be one of {', '.join(names)} (or null), got '{value}'")
+        return cls.create(cfg.trainer.precision, device, cfg.model.dtype, lora=bool(cfg.model.lora.r))
 
     @property
     def param_dtype(self) -> torch.dtype:

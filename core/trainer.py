@@ -51,9 +51,7 @@ class Context:
         self.pm = pm
         self.hook = pm.hook
         self.device = resolve_device(cfg.trainer.device)
-        self.precision = Precision.create(
-            cfg.trainer.precision, self.device, cfg.model.dtype, lora=bool(cfg.model.lora.r)
-        )  # autocast, optimiser
+        self.precision = Precision.from_config(cfg, self.device)  # autocast, optimiser
         self.step = 0
         self.tokenizer: Any = None
         self.policy: nn.Module = None  # type: ignore[assignment]
@@ -79,7 +77,7 @@ class Context:
             else:
                 ref = models.frozen_copy(self.policy)
             if mcfg.ref_dtype:
-                ref = ref.to(models.DTYPES[mcfg.ref_dtype])
+                ref = ref.to(models.torch_dtype(mcfg.ref_dtype, "model.ref_dtype"))
             self._reference = ref.to(self.device)
         return self._reference
 

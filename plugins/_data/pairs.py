@@ -21,8 +21,8 @@ from rlfuse.plugins._data.records import (
     answer_messages,
     chat_prompt,
     completion_text,
-    encode_chat,
     encode_answer,
+    encode_chat,
     encode_prompt,
     pack,
     prompt_text,
@@ -70,7 +70,7 @@ def load_pairs(ctx: Any, path: str) -> list[PairItem]:
             p_ids, c_ids, p = encode_chat(tok, msgs, answer_messages(r, "chosen"), *args)
             p_ids_r, j_ids, _ = encode_chat(tok, msgs, answer_messages(r, "rejected"), *args)
             if p_ids_r != p_ids:  # re-tokenised differently at the two answers: keep both exact
-                common = next((i for i, (a, b) in enumerate(zip(p_ids, p_ids_r)) if a != b), min(len(p_ids), len(p_ids_r)))
+                common = next((i for i, (a, b) in enumerate(zip(p_ids, p_ids_r, strict=False)) if a != b), min(len(p_ids), len(p_ids_r)))
                 c_ids, j_ids = p_ids[common:] + c_ids, p_ids_r[common:] + j_ids
                 p_ids = p_ids[:common]
         else:

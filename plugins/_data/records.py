@@ -193,7 +193,7 @@ def encode_chat(
     f_text = _chat(tokenizer, prompt + answer, where, generation_prompt=False)
     p_ids, f_ids = tokenizer([p_text, f_text], add_special_tokens=False)["input_ids"]
     k = 0
-    for a, b in zip(p_ids, f_ids):
+    for a, b in zip(p_ids, f_ids, strict=False):
         if a != b:
             break
         k += 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import FAST, compose, run_job
 
 from rlfuse import models
 from rlfuse.data import Batch
+from support import FAST, compose, run_job
 
 pytest.importorskip("peft")
 
@@ -59,7 +59,7 @@ def test_bad_lora_settings_are_clear_errors():
 
 @pytest.mark.slow
 def test_only_adapters_and_value_head_train_and_resume_is_exact(tmp_path):
-    straight = run_job(LORA + ["trainer.max_steps=3", "model.lora.merge_final=true"], tmp_path / "a")
+    run_job(LORA + ["trainer.max_steps=3", "model.lora.merge_final=true"], tmp_path / "a")
     run_job(LORA + ["trainer.max_steps=2", "trainer.save_every=1"], tmp_path / "b")
     resumed = run_job(LORA + ["trainer.max_steps=3", "trainer.resume=true", "trainer.save_every=1"], tmp_path / "b")
     assert resumed["steps"] == 3

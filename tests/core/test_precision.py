@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import compose
 
 from rlfuse import models
-from rlfuse.precision import Precision, StochasticRoundingAdamW, check_model_dtype, resolve_mode, round_stochastic_
+from rlfuse.precision import (
+    Precision,
+    StochasticRoundingAdamW,
+    check_model_dtype,
+    resolve_mode,
+    round_stochastic_,
+)
 from rlfuse.trainer import train
+from support import compose
 
 # DPO on the built-in pairs at a normal DPO learning rate, from the (seeded) tiny model.
 DPO = [
@@ -109,18 +115,25 @@ def test_stochastic_rounding_adamw_matches_adamw_in_fp32():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_mixed_precision_moves_the_weights_like_fp32(tmp_path):
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
     torch.set_num_threads(2)
-    cfg, out32, w32 = _run(tmp_path, "fp32")
-    _, out16, w16 = _run(tmp_path, "bf16-mixed")
+    return _run(tmp_path_factory.mktemp("fp32"), "fp32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bf16-mixed", "fp16-mixed"])
+def test_mixed_precision_moves_the_weights_like_fp32(tmp_path, fp32_run, mode):
+    torch.set_num_threads(2)
+    cfg, out32, w32 = fp32_run
+    _, out16, w16 = _run(tmp_path, mode)
     init = _initial(cfg)
     d32, d16 = _delta(w32, init), _delta(w16, init)
     assert all(v.dtype == torch.float32 for v in w16.values())  # final/ holds the fp32 masters
     assert (d32 != 0).float().mean() > 0.9
     assert (d16 != 0).float().mean() > 0.9  # (pure bf16 AdamW moves ~0% here: see the test above)
     cos = torch.dot(d32, d16) / (d32.norm() * d16.norm())
-    assert cos > 0.9, f"bf16-mixed update direction differs from fp32's: cos {cos:.3f}"
+    assert cos > 0.9, f"{mode} update direction differs from fp32's: cos {cos:.3f}"
     assert d16.norm() / d32.norm() == pytest.approx(1.0, abs=0.1)
     # the logged loss tracks fp32's
     assert out16["last"]["loss/total"] == pytest.approx(out32["last"]["loss/total"], abs=2e-3)
@@ -134,3 +147,14 @@ def test_bf16_true_trains_and_save_dtype(tmp_path):
     assert all(v.dtype == torch.float16 for v in w.values() if v.is_floating_point())
     assert (_delta(w, init) != 0).float().mean() > 0.3
     assert torch.isfinite(torch.tensor(out["last"]["loss/total"]))
+
+
+def test_dtype_keys_are_checked_before_the_first_step():
+    for key, bad in (("model.ref_dtype", "bf16"), ("trainer.save_dtype", "half"), ("model.dtype", "fp32")):
+        cfg = compose(DPO + [f"{key}={bad}"])
+        with pytest.raises(ValueError, match=f"{key} must be one of float32, bfloat16, float16"):
+            Precision.from_config(cfg, torch.device("cpu"))
+    cfg = compose(DPO + ["model.dtype=bfloat16", "model.lora.r=4", "trainer.precision=bf16-mixed"])
+    assert Precision.from_config(cfg, torch.device("cpu")).mode == "bf16-mixed"  # frozen LoRA base may be bf16
+    with pytest.raises(ValueError, match="model.dtype=bfloat16 with trainer.precision=fp32"):
+        Precision.from_config(compose(DPO + ["model.dtype=bfloat16", "trainer.precision=fp32"]), torch.device("cpu"))

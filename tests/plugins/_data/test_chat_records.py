@@ -10,7 +10,13 @@ from omegaconf import OmegaConf
 
 from rlfuse.models import build_tiny_tokenizer
 from rlfuse.plugins._data.pairs import load_pairs
-from rlfuse.plugins._data.records import ChatStats, Record, answer_messages, chat_prompt, encode_chat
+from rlfuse.plugins._data.records import (
+    ChatStats,
+    Record,
+    answer_messages,
+    chat_prompt,
+    encode_chat,
+)
 from rlfuse.plugins.rollout.sft_data import Config as SftConfig
 from rlfuse.plugins.rollout.sft_data import Plugin as SftData
 
@@ -65,7 +71,7 @@ def test_sft_and_pairs_readers_use_the_template(tmp_path):
     ctx = _ctx(tok, sft=sft)
     plugin.setup(ctx)
     b = plugin.rollout(ctx, 0)
-    answers = [tok.decode(ids[m.bool()]) for ids, m in zip(b.input_ids, b.response_mask)]
+    answers = [tok.decode(ids[m.bool()]) for ids, m in zip(b.input_ids, b.response_mask, strict=True)]
     assert answers == ["abc\n<eos>", "ab<eos>"]  # chat row: the template's answer; text row: as before
     prefs = _write(tmp_path, "p.jsonl", [{"prompt": CHAT, "chosen": "abc", "rejected": [{"role": "assistant", "content": "cab"}]}])
     (it,) = load_pairs(_ctx(tok), prefs)
