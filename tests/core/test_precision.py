@@ -158,3 +158,18 @@ def test_dtype_keys_are_checked_before_the_first_step():
     assert Precision.from_config(cfg, torch.device("cpu")).mode == "bf16-mixed"  # frozen LoRA base may be bf16
     with pytest.raises(ValueError, match="model.dtype=bfloat16 with trainer.precision=fp32"):
         Precision.from_config(compose(DPO + ["model.dtype=bfloat16", "trainer.precision=fp32"]), torch.device("cpu"))
+
+
+def test_ref_dtype_casts_only_the_frozen_reference(tmp_path):
+    torch.set_num_threads(2)
+    cfg = compose(DPO + ["model.ref_dtype=bfloat16", "trainer.max_steps=1"])
+    from rlfuse.manager import PluginManager
+    from rlfuse.trainer import Context
+
+    ctx = Context(cfg, tmp_path, PluginManager())
+    ctx.tokenizer = models.load_tokenizer(cfg.model)
+    ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed)
+    assert next(ctx.reference.parameters()).dtype == torch.bfloat16
+    assert next(ctx.policy.parameters()).dtype == torch.float32
+    out = train(cfg, tmp_path / "run")  # DPO's reference log-probs come from the bf16 copy
+    assert abs(out["last"]["loss/total"] - 0.6931) < 0.05
