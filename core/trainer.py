@@ -291,6 +291,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed).to(ctx.device)
     ctx.precision.prepare(ctx.policy)
     ctx.hook.setup(ctx=ctx)
+    ctx.precision.prepare(ctx.modules)  # heads added in setup train in the masters' dtype too
 
     groups = [{"params": [p for p in ctx.policy.parameters() if p.requires_grad], "lr": cfg.algo.lr}]
     for name, module in ctx.modules.items():
