@@ -23,13 +23,15 @@ register_configs()
 
 @hydra.main(config_path="pkg://rlfuse.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> Any:
+    from rlfuse import runinfo
     from rlfuse.pipeline import run
-    from rlfuse.report import print_summary
+    from rlfuse.report import objective, print_summary
 
     hc = HydraConfig.get()
-    summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
+    with runinfo.of_job(hc):  # ctx.run_info: the sweep's group, the job's overrides
+        summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
     print_summary(summary, cfg.run_dir or hc.runtime.output_dir)
-    return summary
+    return objective(summary, cfg.get("objective"))
 
 
 def commands() -> dict[str, Any]:
@@ -38,6 +40,9 @@ def commands() -> dict[str, Any]:
 
 
 def main() -> None:
+    from rlfuse.help import handle_help
+
+    handle_help(sys.argv)  # `rlfuse --help` (rlfuse's own) exits; `--hydra-help` becomes Hydra's
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and "=" not in sys.argv[1]:
         cmds = commands()
         if sys.argv[1] not in cmds:

@@ -117,6 +117,7 @@ class KernelsConfig:
 class RlfuseConfig:
     seed: int = 0
     run_dir: str | None = None  # default: Hydra's output dir (hydra.run.dir)
+    objective: str | None = None  # a summary key the job returns to Hydra (Optuna & co. optimise it)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,4 +152,14 @@ def check(cfg: Any) -> None:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="rlfuse_schema", node=RlfuseConfig)
+    """Store the root schema and, under ``plugin_defaults/<name>``, every installed plugin's
+    defaults (from its ``Config`` dataclass; see :func:`rlfuse.manager.plugin_defaults`); put
+    plugin packages' config files on Hydra's search path (:mod:`rlfuse.searchpath`)."""
+    from rlfuse import searchpath
+    from rlfuse.manager import plugin_defaults
+
+    cs = ConfigStore.instance()
+    cs.store(name="rlfuse_schema", node=RlfuseConfig)
+    for name, node in plugin_defaults().items():
+        cs.store(group="plugin_defaults", name=name, node=node)
+    searchpath.enable()

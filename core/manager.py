@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import os
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -28,6 +29,28 @@ from omegaconf.errors import OmegaConfBaseException
 from rlfuse import hookspecs
 
 GROUP = hookspecs.PROJECT
+BUILTIN_DIST = "rlfuse"  # the distribution whose entry points are the built-in plugins
+
+
+def enabled_entry_points(group: str) -> list[Any]:
+    """The entry points of ``group`` that may load.
+
+    All of them, unless ``RLFUSE_DISABLE_PLUGIN_AUTOLOAD=1`` or ``RLFUSE_PLUGINS=a,b`` is set:
+    then only rlfuse's own (built-in) ones plus those whose distribution or entry-point name
+    is listed in ``RLFUSE_PLUGINS`` (as pytest's ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` and llm's
+    ``LLM_LOAD_PLUGINS``). A plugin named by dotted module path always loads.
+    """
+    eps = list(entry_points(group=group))
+    allow = os.environ.get("RLFUSE_PLUGINS")
+    if os.environ.get("RLFUSE_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0") and allow is None:
+        return eps
+    names = {n.strip().lower().replace("_", "-") for n in (allow or "").split(",") if n.strip()}
+
+    def ok(ep: Any) -> bool:
+        dist = (ep.dist.name if ep.dist else "").lower().replace("_", "-")
+        return dist == BUILTIN_DIST or dist in names or ep.name.lower().replace("_", "-") in names
+
+    return [ep for ep in eps if ok(ep)]
 
 
 class PluginError(RuntimeError):
@@ -36,12 +59,12 @@ class PluginError(RuntimeError):
 
 def available_plugins() -> dict[str, str]:
     """Entry-point name -> import target of every installed rlfuse plugin."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    return {ep.name: ep.value for ep in enabled_entry_points(GROUP)}
 
 
 def resolve(name: str) -> Any:
     """Import the object a plugin name refers to (entry point first, then dotted path)."""
-    eps = {ep.name: ep for ep in entry_points(group=GROUP)}
+    eps = {ep.name: ep for ep in enabled_entry_points(GROUP)}
     if name in eps:
         try:
             return eps[name].load()
@@ -64,6 +87,32 @@ def resolve(name: str) -> Any:
         except AttributeError as e:
             raise PluginError(f"Plugin '{name}': module '{module_name}' has no '{part}'") from e
     return obj
+
+
+def plugin_defaults() -> dict[str, dict[str, Any]]:
+    """Entry-point name -> ``{"plugin": name, **defaults of its Config}`` for every installed
+    plugin that declares a ``Config`` dataclass.
+
+    The config tree builds each option's section on these (``conf/<group>/<option>.yaml``
+    lists ``/plugin_defaults/<option>`` in its defaults), so a plugin's defaults are written
+    once, in its dataclass, yet ``rlfuse --cfg job`` shows them and ``group.key=value``
+    overrides them. A plugin that fails to import is left out here; selecting it reports
+    the import error.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for ep in enabled_entry_points(GROUP):
+        try:
+            obj = ep.load()
+        except Exception:  # noqa: BLE001 - reported when the plugin is selected
+            continue
+        if inspect.ismodule(obj) and isinstance(getattr(obj, "Plugin", None), type):
+            obj = obj.Plugin
+        schema = getattr(obj, "Config", None)
+        fields: dict[str, Any] = {}
+        if schema is not None and dataclasses.is_dataclass(schema):
+            fields = OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)  # type: ignore[assignment]
+        out[ep.name] = {"plugin": ep.name, **fields}
+    return out
 
 
 def _unknown(name: str) -> str:
@@ -122,6 +171,8 @@ def validate(schema: type, options: dict[str, Any] | DictConfig, *, where: str) 
         at = f"{where}.{key}" if key else where
         msg = str(e).splitlines()[0]
         raise PluginError(f"Config error at '{at}': {msg}") from None
+    except (ValueError, TypeError) as e:  # the dataclass's own checks (__post_init__)
+        raise PluginError(f"Config error at '{where}': {e}") from None
 
 
 class PluginManager(pluggy.PluginManager):

@@ -11,7 +11,7 @@ NAMESPACES: dict[str, str] = {
     "loss": "loss terms as the loss plugins returned them (loss/<term>) and loss/total",
     "policy": "the policy update: clip fraction, ratio, approx KL old->new, entropy, pg loss, nll",
     "critic": "the value function: value loss, value clip fraction, value and return means",
-    "kl": "divergence from the frozen reference: kl/ref (per token, masked mean), kl/beta",
+    "kl": "divergence from the frozen reference: kl/ref (mean over sequences of the summed per-token log-ratio), kl/ref_token (per-token masked mean of the loss term's estimator), kl/beta",
     "advantage": "advantage estimator statistics (mean, abs_mean, baseline, group sizes)",
     "pref": "preference learning (DPO family, reward model): accuracy, chosen/rejected, margin, log-probs",
     "optim": "the optimiser: lr, grad_norm, updates, skipped steps",

@@ -141,6 +141,9 @@ def _compose(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    from rlfuse.config import register_configs
+
+    register_configs()  # idempotent: plugin packages' config files are on the search path
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="config", overrides=overrides)
     with initialize_config_module("rlfuse.conf", version_base="1.3"):

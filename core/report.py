@@ -20,3 +20,14 @@ def print_summary(summary: dict[str, Any], run_dir: str | Path) -> None:
         print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     if summary.get("final_policy"):
         print(f"  final policy: {summary['final_policy']}")
+
+
+def objective(summary: dict[str, Any], key: str | None) -> Any:
+    """What a job returns to Hydra: the summary, or -- with ``objective=KEY`` -- the float
+    ``summary[KEY]`` that an optimising sweeper (Optuna, Nevergrad, Ax) minimises or maximises."""
+    if not key:
+        return summary
+    if not isinstance(summary.get(key), (int, float)):
+        numbers = ", ".join(sorted(k for k, v in summary.items() if isinstance(v, (int, float))))
+        raise ValueError(f"objective={key}: not a number in the run's summary; numbers there: {numbers}")
+    return float(summary[key])

@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rlfuse import models
+from rlfuse import models, runinfo
 from rlfuse.config import MULTI_GROUPS, SINGLE_GROUPS
 from rlfuse.data import Batch, ForwardOutput, LossOutput
 from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
@@ -60,6 +60,8 @@ class Context:
         self._reference: nn.Module | None = None
         self.metrics: dict[str, float] = {}  # extra metrics for the current step
         self.reward_weights: dict[str, float] = {}
+        self.run_info = runinfo.current()  # sweep group and overrides of this job (rlfuse.runinfo)
+        self.batch: Batch | None = None  # this step's rollout batch, rewarded, with advantages
 
     # -- models ----------------------------------------------------------------------
     @property
@@ -327,6 +329,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         metrics.update(ctx.metrics)
         metrics["step"] = step + 1
         ctx.hook.log(ctx=ctx, step=step + 1, metrics=metrics)
+        ctx.batch = None  # loggers have seen it; free it before the next rollout
         summary["last"] = metrics
         last = step + 1 == cfg.trainer.max_steps
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
@@ -394,6 +397,7 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
     if adv is not None:
         batch.advantages, batch.returns = adv.advantages, adv.returns
         metrics.update({k: _float(v) for k, v in adv.metrics.items()})
+    ctx.batch = batch
 
     n = len(batch)
     mini = cfg.mini_batch_size or n
@@ -472,6 +476,7 @@ def _apply_rewards(ctx: Context, batch: Batch, metrics: dict[str, float]) -> Non
                     f"reward '{name}' returned shape {tuple(scores.shape)}; expected (B,)={len(batch)} "
                     f"or (B, T)={tuple(batch.input_ids.shape)}"
                 )
+            batch.extras[f"reward/{name}"] = per_seq  # (B,) unweighted, for loggers' sample tables
             metrics[f"reward/{name}/mean"] = float(per_seq.mean())
             metrics[f"reward/{name}/std"] = float(per_seq.std()) if len(per_seq) > 1 else 0.0
     if seq is None and tok is None:

@@ -92,6 +92,13 @@ def group_index(batch: Batch, who: str) -> tuple[torch.Tensor, torch.Tensor]:
     return inverse, counts
 
 
+def grouped_returns(batch: Batch, who: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(returns (B,) float64, inverse group index (B,), counts (G,)) of a grouped batch."""
+    returns = sequence_returns(batch, who)
+    inverse, counts = group_index(batch, who)
+    return returns, inverse, counts
+
+
 def group_sum(x: torch.Tensor, inverse: torch.Tensor, groups: int) -> torch.Tensor:
     """(G,) sum of ``x`` (B,) over each group."""
     return torch.zeros(groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)

@@ -21,6 +21,7 @@ from torch import nn
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch, LossOutput
+from rlfuse.plugins.advantage._common import masked_whiten, token_rewards
 
 
 @dataclass
@@ -31,24 +32,6 @@ class Config:
     value_coef: float = 0.5  # weight of the value loss
     value_clip: float | None = 0.2  # clip range of the value update (null = unclipped)
     value_lr: float | None = None  # learning rate of the value head (default: algo.lr)
-
-
-def token_rewards(batch: Batch) -> torch.Tensor:
-    """(B, T) per-token reward: token-level rewards plus the sequence reward on the last
-    response token."""
-    mask = batch.response_mask
-    r = torch.zeros_like(mask) if batch.token_rewards is None else batch.token_rewards * mask
-    if batch.rewards is not None:
-        last = last_response_index(mask)
-        r = r.clone()
-        r[torch.arange(len(mask)), last] += batch.rewards.to(r.dtype)
-    return r
-
-
-def last_response_index(mask: torch.Tensor) -> torch.Tensor:  # (B,)
-    T = mask.shape[1]
-    pos = torch.arange(T, device=mask.device).expand_as(mask)
-    return torch.where(mask > 0, pos, torch.full_like(pos, -1)).max(-1).values.clamp_min(0)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -70,13 +53,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_v, next_m = values[:, t], m
     returns = (adv + values) * mask
     return adv, returns
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    n = mask.sum().clamp_min(1)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp_min(1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 class Plugin:
@@ -108,7 +84,7 @@ class Plugin:
                 out = ctx.forward(batch, model=ctx.policy, hidden=True)
         with torch.no_grad():
             batch.values = self.values(out.hidden, batch.response_mask)
-        r = token_rewards(batch)
+        r = token_rewards(batch).to(batch.values.dtype)
         adv, ret = gae(r, batch.values, batch.response_mask, self.cfg.gamma, self.cfg.lam)
         m = batch.response_mask
         metrics = {
@@ -116,7 +92,7 @@ class Plugin:
             "critic/return_mean": (ret * m).sum() / m.sum().clamp_min(1),
         }
         if self.cfg.whiten:
-            adv = whiten(adv, m)
+            adv = masked_whiten(adv, m)
         return Advantages(advantages=adv, returns=ret, metrics=metrics)
 
     @hookimpl

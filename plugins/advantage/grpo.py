@@ -23,7 +23,7 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
-from rlfuse.plugins.advantage._common import broadcast, group_index, group_stats, sequence_returns
+from rlfuse.plugins.advantage._common import broadcast, group_stats, grouped_returns
 
 
 @dataclass
@@ -59,8 +59,7 @@ class Plugin:
     @hookimpl
     def advantage(self, ctx: Any, batch: Batch) -> Advantages:
         who = f"advantage={self.name}"
-        returns = sequence_returns(batch, who)
-        inverse, counts = group_index(batch, who)
+        returns, inverse, counts = grouped_returns(batch, who)
         adv, equal = group_normalised(returns, inverse, counts, self.cfg)
         # each row of a group adds 1/n_g, so the sum counts groups
         zero_groups = float((equal.double() / counts.double()[inverse]).sum())

@@ -22,8 +22,8 @@ from typing import Any
 from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
 from rlfuse.plugins.advantage._common import (
-    group_index,
     group_stats,
+    grouped_returns,
     masked_whiten,
     returns_to_go,
     sequence_returns,
@@ -56,8 +56,7 @@ class Plugin:
         m = batch.response_mask
         offset = None
         if self.cfg.baseline == "group":
-            returns = sequence_returns(batch, who)
-            inverse, counts = group_index(batch, who)
+            returns, inverse, counts = grouped_returns(batch, who)
             mean, _, _ = group_stats(returns, inverse, counts)
             offset = mean
         elif batch.rewards is None and batch.token_rewards is None:

@@ -20,10 +20,9 @@ from rlfuse import hookimpl
 from rlfuse.data import Advantages, Batch
 from rlfuse.plugins.advantage._common import (
     broadcast,
-    group_index,
     group_stats,
     group_sum,
-    sequence_returns,
+    grouped_returns,
 )
 
 
@@ -50,8 +49,7 @@ class Plugin:
     @hookimpl
     def advantage(self, ctx: Any, batch: Batch) -> Advantages:
         who = f"advantage={self.name}"
-        returns = sequence_returns(batch, who)
-        inverse, counts = group_index(batch, who)
+        returns, inverse, counts = grouped_returns(batch, who)
         if bool((counts < 2).any()):
             raise ValueError(
                 f"{who} needs at least 2 responses per prompt (rollout.n >= 2); "

@@ -36,8 +36,8 @@ from typing import Any, TextIO
 
 from rlfuse import models
 from rlfuse.config import ModelConfig
-from rlfuse.plugins._sampling import SamplingConfig, sample
 from rlfuse.plugins._data.records import DataError, Record, encode_prompts, prompt_text, read_jsonl
+from rlfuse.plugins._sampling import SamplingConfig, sample
 
 DEFAULT_PROMPTS = "pkg://rlfuse.plugins/tasks/data/prompts_train.jsonl"
 CHOICES = {"a": "A", "b": "B", "t": "tie", "tie": "tie", "s": "skip", "skip": "skip", "q": "quit", "quit": "quit"}

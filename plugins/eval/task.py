@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from rlfuse import hookimpl
-from rlfuse.plugins._sampling import SamplingConfig, sample
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
-from rlfuse.plugins.reward.rule import load_function
+from rlfuse.plugins._rules import call_rule, load_function
+from rlfuse.plugins._sampling import SamplingConfig, sample
 
 
 @dataclass
@@ -74,10 +74,11 @@ class Plugin:
             chunk = self.items[s : s + self.cfg.batch_size]
             batch = sample(ctx.policy, ctx.tokenizer, [p for p, _ in chunk], self.sampling, ctx.device)
             batch.rows = [row for _, row in chunk]
-            for p, r, row in zip(batch.prompts, batch.responses, batch.rows, strict=True):
-                true.append(float(self.fn(prompt=p, response=r, **{k: v for k, v in row.items() if k not in ("prompt", "messages")})))
+            chunk_true = call_rule(self.fn, batch.prompts, batch.responses, batch.rows)
+            true += chunk_true
+            for p, r, t in zip(batch.prompts, batch.responses, chunk_true, strict=True):
                 if len(examples) < self.cfg.samples:
-                    examples.append({"prompt": p, "response": r, "reward": true[-1]})
+                    examples.append({"prompt": p, "response": r, "reward": t})
             for n in self.cfg.scorers:
                 scores[n].append(self._score(ctx, n, batch))
         out = {

@@ -15,9 +15,9 @@ class Config:
     keys: list[str] | None = None  # metrics shown on the bar (default: a sensible set)
 
 
-DEFAULT_KEYS = ["reward/mean", "loss/total", "policy/kl_ref", "kl/ref_kl", "policy/clipfrac", "rewards/accuracies", "perf/tokens_per_s"]
-SHORT = {"reward/mean": "reward", "loss/total": "loss", "policy/kl_ref": "kl", "kl/ref_kl": "kl",
-         "policy/clipfrac": "clip", "rewards/accuracies": "acc", "perf/tokens_per_s": "tok/s"}
+DEFAULT_KEYS = ["reward/mean", "loss/total", "kl/ref_token", "kl/ref", "policy/clipfrac", "pref/accuracy", "perf/tokens_per_s"]
+SHORT = {"reward/mean": "reward", "loss/total": "loss", "kl/ref_token": "kl_tok", "kl/ref": "kl",
+         "policy/clipfrac": "clip", "pref/accuracy": "acc", "perf/tokens_per_s": "tok/s"}
 
 
 class Plugin:

@@ -14,8 +14,8 @@ The batch comes from ``rollout=preference_data`` (chosen rows first, then reject
 pair of each row in ``extras["pair"]``); trunk and head are trained together.
 
 ``evaluate`` reports held-out pairwise accuracy on ``data.eval_preferences``
-(``eval/rm/accuracy``: fraction of pairs with ``r_c > r_r``, a tie counting 1/2) and the
-mean margin ``eval/rm/margin``. At ``teardown`` the trunk and head are written as a
+(``eval/pref/accuracy``: fraction of pairs with ``r_c > r_r``, a tie counting 1/2) and the
+mean margin ``eval/pref/margin``. At ``teardown`` the trunk and head are written as a
 transformers ``AutoModelForSequenceClassification`` folder (``num_labels=1``,
 ``pad_token_id`` set) at ``<run_dir>/<output>`` with the tokenizer and
 ``rlfuse_reward.json`` (the mean/std of the scores of the training answers, used by
@@ -119,10 +119,10 @@ class Plugin:
         return LossOutput(
             terms={self.name: losses.sum() / n_pairs},
             metrics={
-                "rm/accuracy": (d > 0).float().mean(),
-                "rm/margin": d.mean(),
-                "rm/chosen": c.detach().mean(),
-                "rm/rejected": r.detach().mean(),
+                "pref/accuracy": (d > 0).float().mean(),
+                "pref/margin": d.mean(),
+                "pref/chosen": c.detach().mean(),
+                "pref/rejected": r.detach().mean(),
             },
         )
 
@@ -150,9 +150,9 @@ class Plugin:
         d = c - r
         acc = torch.where(d.abs() < 1e-6, torch.full_like(d, 0.5), (d > 0).float())
         return {
-            "eval/rm/accuracy": float(acc.mean()),
-            "eval/rm/margin": float(d.mean()),
-            "eval/rm/loss": float(bradley_terry_loss(c, r).mean()),
+            "eval/pref/accuracy": float(acc.mean()),
+            "eval/pref/margin": float(d.mean()),
+            "eval/pref/loss": float(bradley_terry_loss(c, r).mean()),
         }
 
     @hookimpl
@@ -165,8 +165,8 @@ class Plugin:
             c, r = self._pair_scores(ctx, items)
             allv = torch.cat([c, r])
             stats.update(mean=float(allv.mean()), std=float(allv.std().clamp_min(1e-6)), pairs=len(items))
-        if "eval/rm/accuracy_after" in summary:
-            stats["eval_accuracy"] = summary["eval/rm/accuracy_after"]
+        if "eval/pref/accuracy_after" in summary:
+            stats["eval_accuracy"] = summary["eval/pref/accuracy_after"]
         save_reward_model(ctx.policy, self.head, ctx.tokenizer, folder, stats)
         summary["reward_model"] = str(folder)
 

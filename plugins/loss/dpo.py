@@ -27,8 +27,8 @@ reference is the same frozen model; with ``precompute_reference: true`` the refe
 every training and held-out pair before the first step and then leaves memory.
 
 The ``evaluate`` hook reports, on ``data.eval_preferences``, the held-out implicit-reward
-accuracy ``eval/rewards/accuracies`` (a tie counts 1/2, so the reference itself scores 0.5),
-``eval/rewards/margins`` and ``eval/logps/accuracies`` (how often the policy alone gives the
+accuracy ``eval/pref/accuracy`` (a tie counts 1/2, so the reference itself scores 0.5),
+``eval/pref/margin`` and ``eval/pref/logp_accuracy`` (how often the policy alone gives the
 chosen answer the higher summed log-prob).
 """
 
@@ -193,7 +193,7 @@ class Plugin:
                 self._ref(ctx, b, keys)
         ctx.drop_reference()
         self._ref_id = -1  # stays valid: the cache now stands in for the reference
-        ctx.record({"dpo/precomputed_pairs": len(self.cache)})
+        ctx.record({"pref/precomputed_pairs": len(self.cache)})
 
     # -- hooks ---------------------------------------------------------------------
     @hookimpl
@@ -234,12 +234,12 @@ class Plugin:
         return LossOutput(
             terms={self.name: s["losses"].sum() / n_pairs},
             metrics={
-                "rewards/chosen": s["rew_c"].mean(),
-                "rewards/rejected": s["rew_r"].mean(),
-                "rewards/margins": margin.mean(),
-                "rewards/accuracies": (margin > 0).float().mean(),
-                "logps/chosen": s["pc"].mean(),
-                "logps/rejected": s["pr"].mean(),
+                "pref/chosen": s["rew_c"].mean(),
+                "pref/rejected": s["rew_r"].mean(),
+                "pref/margin": margin.mean(),
+                "pref/accuracy": (margin > 0).float().mean(),
+                "pref/logp_chosen": s["pc"].mean(),
+                "pref/logp_rejected": s["pr"].mean(),
             },
         )
 
@@ -275,8 +275,8 @@ class Plugin:
             return v if math.isfinite(v) else float("nan")
 
         return {
-            "eval/rewards/accuracies": mean(acc),
-            "eval/rewards/margins": mean(margins),
-            "eval/logps/accuracies": mean(lp_acc),
+            "eval/pref/accuracy": mean(acc),
+            "eval/pref/margin": mean(margins),
+            "eval/pref/logp_accuracy": mean(lp_acc),
             f"eval/loss/{self.name}": mean(losses),
         }

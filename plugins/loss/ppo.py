@@ -12,7 +12,6 @@ aggregation modes and KL estimators).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from rlfuse import hookimpl
@@ -20,44 +19,19 @@ from rlfuse.data import Batch, LossOutput
 from rlfuse.kernels import PolicyLossConfig, clipped_policy_loss
 
 
-@dataclass
-class Config:
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # > clip_low = DAPO's clip-higher
-    dual_clip: float | None = None  # c > 1 bounds the loss of negative advantages (Ye et al. 2020)
-    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-    norm_length: int | None = None  # constant of seq-mean-token-sum-norm (default: padded length)
-    kl_coef: float = 0.0  # KL to the reference as a loss term (0 = off; PPO puts it in the reward)
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    kl_clamp: float | None = None  # clamp of the k3 value
-    entropy_coef: float = 0.0  # entropy bonus
-
-
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+class Config(PolicyLossConfig):
+    """The kernel's own options (:class:`rlfuse.kernels.PolicyLossConfig`): clip_low/high,
+    dual_clip, aggregation, norm_length, kl_coef (KL to the reference as a loss term; PPO puts
+    it in the reward instead), kl_estimator, kl_clamp, entropy_coef. Its ``__post_init__``
+    checks the values, so a bad one is a config error naming the key."""
 
 
 class Plugin:
     Config = Config
 
     def __init__(self, cfg: Config, name: str = "ppo") -> None:
-        if cfg.aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss.{name}.aggregation must be one of {AGGREGATIONS}, got '{cfg.aggregation}'")
-        if cfg.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"loss.{name}.kl_estimator must be k1, k2 or k3, got '{cfg.kl_estimator}'")
-        if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-            raise ValueError(f"loss.{name}.dual_clip must be > 1, got {cfg.dual_clip}")
         self.cfg = cfg
-        self.options = PolicyLossConfig(
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip,
-            kl_coef=cfg.kl_coef,
-            kl_estimator=cfg.kl_estimator,
-            kl_clamp=cfg.kl_clamp,
-            entropy_coef=cfg.entropy_coef,
-            aggregation=cfg.aggregation,
-            norm_length=cfg.norm_length,
-        )
+        self.options = cfg  # the kernel reads this dataclass directly
 
     @hookimpl
     def loss(self, ctx: Any, batch: Batch) -> LossOutput:
@@ -85,5 +59,5 @@ class Plugin:
         if res.entropy is not None:
             metrics["policy/entropy"] = res.entropy
         if ref is not None:
-            metrics["policy/kl_ref"] = res.kl
+            metrics["kl/ref_token"] = res.kl
         return LossOutput(terms={"policy": res.loss}, metrics=metrics)

@@ -20,5 +20,5 @@ def loss(ctx: Any, batch: Batch) -> LossOutput:
     tokens = m.sum().clamp_min(1)
     return LossOutput(
         terms={"sft": nll},
-        metrics={"sft/nll": (-(out.logprobs * m).sum() / tokens).detach(), "policy/entropy": ((out.entropy * m).sum() / tokens).detach()},
+        metrics={"policy/nll": (-(out.logprobs * m).sum() / tokens).detach(), "policy/entropy": ((out.entropy * m).sum() / tokens).detach()},
     )

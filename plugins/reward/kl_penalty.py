@@ -65,7 +65,7 @@ class Plugin:
         kl_seq = float(log_ratio.sum(-1).mean())
         beta = self.ctl.beta
         self.ctl.update(kl_seq, len(batch))
-        ctx.record({"kl/ref_kl": kl_seq, "kl/beta": beta})
+        ctx.record({"kl/ref": kl_seq, "kl/beta": beta})
         return {self.name: -beta * log_ratio}
 
     @hookimpl

@@ -13,9 +13,9 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.data import Batch
-from rlfuse.plugins._sampling import SamplingConfig, sample
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
+from rlfuse.plugins._sampling import SamplingConfig, sample
 
 
 @dataclass

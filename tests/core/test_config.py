@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from support import compose
@@ -20,14 +21,38 @@ PRESETS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
 GROUPS = ["rollout", "reward", "advantage", "loss", "sync", "model", "data", "logger", "eval", "kernels"]
 
 
+def claimed_components(preset: str) -> dict[str, str | list[str]]:
+    """``{group: option or [options]}`` from the preset file's ``override /group: ...`` lines."""
+    claimed = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(CONF / "algo" / f"{preset}.yaml")).get("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if key.startswith("override /"):
+                    claimed[key.removeprefix("override /")] = value
+    return claimed
+
+
 def test_presets_exist():
     assert {"ppo", "sft"} <= set(PRESETS)
+    assert all(claimed_components(p) for p in PRESETS)  # every preset picks its components
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_composes(preset):
+def test_every_preset_composes_to_the_components_it_claims(preset):
     cfg = compose([f"algo={preset}"])
-    assert cfg.algo.name
+    assert cfg.algo.name == preset
+    for group, want in claimed_components(preset).items():
+        node = cfg[group] or {}
+        if isinstance(want, list):  # a list group: one section per option, its plugin = the option
+            assert list(node) == want, f"algo={preset}: {group} is {list(node)}, the preset claims {want}"
+            for option in want:
+                assert node[option].plugin == option, f"algo={preset}: {group}.{option}.plugin"
+        elif "plugin" in (OmegaConf.load(CONF / group / f"{want}.yaml") or {}):
+            assert node.plugin == want, f"algo={preset}: {group}.plugin is {node.get('plugin')}, the preset claims {want}"
+        else:  # an empty selection (advantage=none)
+            assert "plugin" not in node, f"algo={preset}: {group}={want} must select no plugin"
+    for name, stage in (cfg.algo.stages or {}).items():  # a pipeline's stages are presets too
+        assert stage.algo in PRESETS, f"algo={preset}: stage '{name}' runs unknown preset '{stage.algo}'"
     if not cfg.algo.stages:
         assert cfg.rollout.plugin and cfg.loss, preset
 

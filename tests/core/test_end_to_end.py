@@ -48,7 +48,7 @@ def test_metrics_have_the_fixed_namespaces(tmp_path):
     run_job(FAST, tmp_path / "run")
     rows = [r for r in _rows(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r]
     assert [r["step"] for r in rows] == [1, 2]
-    needed = {"reward/mean", "reward/std", "kl/ref_kl", "loss/policy", "loss/value", "policy/clipfrac",
+    needed = {"reward/mean", "reward/std", "kl/ref", "loss/policy", "loss/value", "policy/clipfrac",
               "policy/approx_kl", "policy/entropy", "response/length_mean", "optim/lr", "perf/tokens_per_s"}
     assert needed <= set(rows[0]), needed - set(rows[0])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -13,10 +13,30 @@ from rlfuse import hookspecs
 from rlfuse.manager import PluginError, PluginManager, available_plugins, instantiate, resolve
 from support import FAST, run_job
 
-BUILTINS = {"generate", "sft_data", "rule", "kl_penalty", "gae", "ppo", "sft", "none", "jsonl", "console", "task"}
+HOOKS = sorted(n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, "rlfuse_spec"))
+
+
+def _builtins() -> set[str]:
+    """Every plugin the shipped config files select (``plugin:`` at the top or in a section)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    conf = resources.files("rlfuse.conf")
+    names = set()
+    for group in ("rollout", "reward", "advantage", "loss", "sync", "logger", "eval"):
+        for f in conf.joinpath(group).iterdir():
+            if f.name.endswith(".yaml"):
+                node = OmegaConf.to_container(OmegaConf.create(f.read_text())) or {}
+                names |= {node["plugin"]} if "plugin" in node else {v["plugin"] for v in node.values() if isinstance(v, dict)}
+    return names
+
+
+BUILTINS = _builtins()
 
 
 def test_builtins_are_entry_points():
+    assert {"generate", "sft_data", "rule", "kl_penalty", "gae", "ppo", "sft", "none", "jsonl", "console", "task"} <= BUILTINS
     eps = {ep.name: ep.value for ep in entry_points(group="rlfuse")}
     assert BUILTINS <= set(eps)
     for name in BUILTINS:
@@ -35,7 +55,8 @@ def test_hookspecs_are_the_five_plus_lifecycle():
 
 
 def test_every_hook_is_documented():
-    for name in ("setup", "evaluate", "log", "save_state", "load_state", "teardown", "rollout", "reward", "advantage", "loss", "sync"):
+    assert {"setup", "evaluate", "log", "save_state", "load_state", "teardown", "rollout", "reward", "advantage", "loss", "sync"} <= set(HOOKS)
+    for name in HOOKS:
         doc = getattr(hookspecs, name).__doc__
         assert doc and ":param ctx:" in doc and ":returns:" in doc, name
 
