@@ -45,7 +45,7 @@ class Plugin:
     @hookimpl
     def setup(self, ctx: Any) -> None:
         data = ctx.cfg.data
-        missing = [k for k in ("eval_prompts", "reward_fn") if not data.get(k)]
+        missing = [k for k in ("eval_prompts", "reward_fn") if not getattr(data, k, None)]
         if missing:
             import sys
 
