@@ -23,14 +23,16 @@ register_configs()
 
 @hydra.main(config_path="pkg://rlfuse.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> Any:
-    from rlfuse import runinfo
+    from rlfuse import distributed, runinfo
     from rlfuse.pipeline import run
     from rlfuse.report import objective, print_summary
 
     hc = HydraConfig.get()
-    with runinfo.of_job(hc):  # ctx.run_info: the sweep's group, the job's overrides
+    with runinfo.of_job(hc), distributed.exit_on_failure():  # sweep info; a failed rank tells its peers
         summary = run(cfg, list(hc.overrides.task), cfg.run_dir or hc.runtime.output_dir)
-    print_summary(summary, cfg.run_dir or hc.runtime.output_dir)
+    if distributed.current().is_main:
+        print_summary(summary, cfg.run_dir or hc.runtime.output_dir)
+    distributed.shutdown()
     return objective(summary, cfg.get("objective"))
 
 

@@ -93,6 +93,9 @@ class TrainerConfig:
     # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true; auto = bf16-mixed on a bf16 GPU, else fp32
     precision: str = "auto"
     save_dtype: str | None = None  # dtype of final/'s weights: null = the trained weights' dtype
+    # Under torchrun: ddp = the ranks train one model (gradients summed, global batch);
+    # none = one model per rank, combined only by the sync plugin (algo=decentralized).
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -106,11 +109,23 @@ class AlgoConfig:
     # A warm-up stage ({algo: sft, overrides: [...]}) run first when the policy is the tiny
     # model built from scratch (model.name_or_path is null); ignored for a given model.
     warmup: dict[str, Any] | None = None
+    # Per-rank overrides under torchrun (heterogeneous agents): agents[r] is a nested mapping
+    # merged into rank r's config, e.g. [{}, {reward: {rule: {weight: 0.5}}}].
+    agents: list[Any] = field(default_factory=list)
 
 
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto | triton | torch
+
+
+@dataclass
+class DistConfig:
+    """torch.distributed settings, used under torchrun (docs/scaling.md)."""
+
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    timeout_s: float = 300.0  # deadline of every collective: a lost peer ends the run after it
+    heartbeat_s: float = 1.0  # each rank's liveness beacon in the rendezvous store
 
 
 @dataclass
@@ -123,6 +138,7 @@ class RlfuseConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     # Component groups: validated by each plugin's own Config.
     rollout: dict[str, Any] = field(default_factory=dict)  # {plugin: name, ...options}
     reward: dict[str, Any] = field(default_factory=dict)  # {name: {plugin, weight, ...}}

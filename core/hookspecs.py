@@ -181,3 +181,35 @@ def sync(ctx: Context, step: int) -> None:
     :param step: the training step in progress.
     :returns: nothing. Every implementation is called.
     """
+
+
+# ---------------------------------------------------------------- scale-out hooks
+
+
+@hookspec
+def before_step(ctx: Context, step: int) -> None:
+    """Called after the backward passes of a mini-batch, before gradient clipping and the
+    optimiser step (and after the core's own data-parallel gradient reduction).
+
+    A plugin may read or change the gradients: average them with peers (``sync=allreduce``
+    with ``average: grads``), add noise, skip parameters.
+
+    :param ctx: the run's context.
+    :param step: the training step in progress.
+    :returns: nothing. Every implementation is called.
+    """
+
+
+@hookspec
+def consolidate(ctx: Context) -> bool | None:
+    """Called once after the last step and its evaluation, before ``final/`` is written.
+
+    A plugin whose ranks each trained their own model (the decentralized algorithm) may
+    replace the policy's weights with a combination of every rank's -- the consensus average.
+    Every rank calls it (it may run collectives through ``ctx.dist``).
+
+    :param ctx: the run's context.
+    :returns: True when it changed the policy: the core then evaluates the new policy again
+        (logged as ``eval/consolidated/<name>``) and writes it to ``final/``. Every
+        implementation is called.
+    """

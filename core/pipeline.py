@@ -33,6 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlfuse import distributed
 from rlfuse.config import check
 from rlfuse.trainer import train, write_json_atomic
 
@@ -42,7 +43,9 @@ STAGE_KEYS = {"algo", "overrides", "init_from", "algo_overrides"}
 def run(cfg: DictConfig, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run ``cfg``: a single job, or every stage of a pipeline preset."""
     check(cfg)
-    run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
+    dist = distributed.init_from(cfg)
+    # under torchrun every rank must use rank 0's run dir (Hydra's timestamps may differ)
+    run_dir = Path(dist.all_gather_object(str(run_dir or cfg.run_dir or "outputs/run"), what="run dir")[0])
     if cfg.algo.get("stages"):
         return run_pipeline(cfg, overrides or [], run_dir)
     if cfg.algo.get("warmup") and cfg.model.name_or_path is None:
@@ -66,7 +69,9 @@ def with_warmup(cfg: DictConfig) -> DictConfig:
 
 def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    main = distributed.current().is_main  # only rank 0 writes the pipeline's files
+    if main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     # the user's overrides reach every stage, except the preset choice itself and run dirs
     # (overrides of the pipeline's own shape -- algo.stages/summary/warmup -- stay here)
     user = [
@@ -106,10 +111,12 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
     for name, stage, stage_dir, stage_over, stage_cfg in plans:
         done = stage_dir / "summary.json"
         if done.exists():
-            print(f"[rlfuse] stage '{name}': already done ({done}), skipped")
+            if main:
+                print(f"[rlfuse] stage '{name}': already done ({done}), skipped")
             result = json.loads(done.read_text())
         else:
-            print(f"[rlfuse] stage '{name}': algo={stage.algo}")
+            if main:
+                print(f"[rlfuse] stage '{name}': algo={stage.algo}")
             result = run(stage_cfg, stage_over, stage_dir)
         summary["stages"][name] = result
         if (stage_dir / "metrics.jsonl").exists():
@@ -118,6 +125,8 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
                 row["stage"] = name
                 metrics_lines.append(json.dumps(row))
         last = name
+    if not main:
+        return summary
     (run_dir / "metrics.jsonl").write_text("\n".join(metrics_lines) + ("\n" if metrics_lines else ""))
     for key, src in (cfg.algo.get("summary") or {}).items():
         if key.endswith("*"):  # "eval/*": "dpo/eval/*" copies every matching key

@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rlfuse import models, runinfo
+from rlfuse import distributed, models, runinfo
 from rlfuse.config import MULTI_GROUPS, SINGLE_GROUPS
 from rlfuse.data import Batch, ForwardOutput, LossOutput
 from rlfuse.manager import PluginError, PluginManager, instantiate, resolve
@@ -62,6 +62,7 @@ class Context:
         self.reward_weights: dict[str, float] = {}
         self.run_info = runinfo.current()  # sweep group and overrides of this job (rlfuse.runinfo)
         self.batch: Batch | None = None  # this step's rollout batch, rewarded, with advantages
+        self.dist = distributed.current()  # rank, world size, deadline-guarded collectives
 
     # -- models ----------------------------------------------------------------------
     @property
@@ -280,11 +281,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
     run_dir.mkdir(parents=True, exist_ok=True)
+    dist = distributed.init_from(cfg)
+    cfg = distributed.for_rank(cfg, dist.rank)  # heterogeneous agents: algo.agents[rank]
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     kernels.set_default_backend(cfg.kernels.backend)
-    seed_everything(cfg.seed)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    seed_everything(cfg.seed + dist.rank)  # distinct rollouts per rank
+    if dist.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     pm = PluginManager()
     ctx = Context(cfg, run_dir, pm)
@@ -294,6 +298,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     ctx.precision.prepare(ctx.policy)
     ctx.hook.setup(ctx=ctx)
     ctx.precision.prepare(ctx.modules)  # heads added in setup train in the masters' dtype too
+    distributed.prepare(ctx)  # same initial weights on every rank
 
     groups = [{"params": [p for p in ctx.policy.parameters() if p.requires_grad], "lr": cfg.algo.lr}]
     for name, module in ctx.modules.items():
@@ -327,19 +332,27 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         total_tokens += metrics["perf/tokens_per_s"] * elapsed
         metrics["optim/lr"] = opt.param_groups[0]["lr"]
         metrics.update(ctx.metrics)
+        metrics = distributed.reduce_step_metrics(ctx, metrics)
         metrics["step"] = step + 1
-        ctx.hook.log(ctx=ctx, step=step + 1, metrics=metrics)
+        if ctx.dist.is_main:
+            ctx.hook.log(ctx=ctx, step=step + 1, metrics=metrics)
         ctx.batch = None  # loggers have seen it; free it before the next rollout
         summary["last"] = metrics
         last = step + 1 == cfg.trainer.max_steps
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
             _evaluate(ctx, step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and not last:
-            save_checkpoint(ctx, opt, step + 1, {"summary": summary})
+            if ctx.dist.is_main:
+                save_checkpoint(ctx, opt, step + 1, {"summary": summary})
+            ctx.dist.barrier("checkpoint")
 
     ctx.step = cfg.trainer.max_steps
     eval_metrics = _evaluate(ctx, cfg.trainer.max_steps)
     summary.update({f"{k}_after": v for k, v in eval_metrics.items()})
+    if any(ctx.hook.consolidate(ctx=ctx)):  # e.g. the decentralized consensus average
+        merged = _evaluate(ctx, cfg.trainer.max_steps, prefix="eval/consolidated/")
+        summary.update({f"{k}_after": v for k, v in merged.items()})
+        summary["consolidated"] = True
     summary.update(
         {
             "steps": cfg.trainer.max_steps,
@@ -349,20 +362,23 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             "final_policy": str(run_dir / "final"),
         }
     )
-    save_policy(ctx, run_dir / "final", dtype=cfg.trainer.save_dtype)
-    if cfg.model.lora.r and cfg.model.lora.merge_final:
-        models.save_merged(ctx.policy, ctx.tokenizer, run_dir / "final" / "merged", cfg.trainer.save_dtype)
-    if cfg.trainer.save_every:
-        save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary})
+    if ctx.dist.is_main:
+        save_policy(ctx, run_dir / "final", dtype=cfg.trainer.save_dtype)
+        if cfg.model.lora.r and cfg.model.lora.merge_final:
+            models.save_merged(ctx.policy, ctx.tokenizer, run_dir / "final" / "merged", cfg.trainer.save_dtype)
+        if cfg.trainer.save_every:
+            save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary})
     ctx.hook.teardown(ctx=ctx, summary=summary)
-    write_json_atomic(run_dir / "summary.json", summary)
+    if ctx.dist.is_main:
+        write_json_atomic(run_dir / "summary.json", summary)
+    ctx.dist.barrier("end of run")  # no rank reads final/ or summary.json before they exist
     return summary
 
 
-def _evaluate(ctx: Context, step: int, before: bool = False) -> dict[str, Any]:
+def _evaluate(ctx: Context, step: int, before: bool = False, prefix: str = "") -> dict[str, Any]:
     with ctx.precision.autocast():
-        results = _merge(ctx.hook.evaluate(ctx=ctx, step=step))
-    if results:
+        results = distributed.reduce_eval_metrics(ctx, _merge(ctx.hook.evaluate(ctx=ctx, step=step)), prefix)
+    if results and ctx.dist.is_main:
         ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, **results})
     if before:
         return {f"{k}_before": v for k, v in results.items()}
@@ -408,7 +424,7 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
         order = torch.randperm(n) if cfg.shuffle else torch.arange(n)
         for s in range(0, n, mini):
             mb = batch.select(order[s : s + mini])
-            totals = {"tokens": max(float(mb.response_mask.sum()), 1.0), "sequences": float(len(mb))}
+            totals = distributed.batch_totals(ctx, mb)  # global counts under data parallelism
             step_terms: dict[str, float] = defaultdict(float)
             for part in mb.split(micro):
                 part.totals = totals
@@ -422,7 +438,9 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
             for k, v in step_terms.items():
                 sums[f"loss/{k}"] += v
             sums["loss/total"] += sum(step_terms.values())
+            distributed.reduce_gradients(ctx, params)
             ctx.precision.unscale(opt)
+            ctx.hook.before_step(ctx=ctx, step=step)
             if cfg.max_grad_norm:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 sums["optim/grad_norm"] += float(gn)
@@ -435,6 +453,7 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
     metrics["optim/updates"] = n_updates
     metrics["response/length_mean"] = float(batch.response_lengths().float().mean())
     metrics["_tokens"] = float(batch.num_tokens * cfg.epochs)
+    metrics["_rows"] = float(len(batch))
     return metrics
 
 

@@ -14,7 +14,7 @@ import torch
 from rlfuse import hookimpl
 from rlfuse.data import Batch
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
-from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
+from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 from rlfuse.plugins._sampling import SamplingConfig, sample
 
 
@@ -51,7 +51,7 @@ class Plugin(StreamPlugin):
         texts = [prompt_text(r, ctx.tokenizer) for r in recs]
         ids = encode_prompts(ctx.tokenizer, texts, data.max_prompt_length, data.truncation, [r.where for r in recs])
         self.items = [(i, r.row) for i, r in zip(ids, recs, strict=True)]
-        self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
+        self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle, **shard(ctx))
 
     @hookimpl
     def rollout(self, ctx: Any, step: int) -> Batch:

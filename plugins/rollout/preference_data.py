@@ -27,7 +27,7 @@ from typing import Any
 from rlfuse import hookimpl
 from rlfuse.data import Batch
 from rlfuse.plugins._data.pairs import PairItem, load_pairs, pair_batch
-from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
+from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 
 __all__ = ["Config", "Plugin", "PairItem", "load_pairs", "pair_batch"]
 
@@ -54,7 +54,7 @@ class Plugin(StreamPlugin):
         if not ctx.cfg.data.preferences:
             raise ValueError("rollout=preference_data needs data.preferences (a JSONL file of pairs)")
         self.items = load_pairs(ctx, ctx.cfg.data.preferences)
-        self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
+        self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle, **shard(ctx))
 
     @hookimpl
     def rollout(self, ctx: Any, step: int) -> Batch:

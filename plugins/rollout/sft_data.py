@@ -25,7 +25,7 @@ from rlfuse.plugins._data.records import (
     read_jsonl,
     report_chat,
 )
-from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
+from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Plugin(StreamPlugin):
                 )
                 items.append((p, a, ptext, r.row))
         report_chat(stats, data.sft)
-        self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
+        self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle, **shard(ctx))
 
     @hookimpl
     def rollout(self, ctx: Any, step: int) -> Batch:
