@@ -68,10 +68,14 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_policy(ctx: Context, folder: Path) -> None:
-    """Write the policy as a ``save_pretrained`` folder (+ tokenizer, + extra modules), atomically."""
+def save_policy(ctx: Context, folder: Path, dtype: str | None = None) -> None:
+    """Write the policy as a ``save_pretrained`` folder (+ tokenizer, + extra modules), atomically;
+    ``dtype`` (``trainer.save_dtype``) casts the saved weights, not the trained ones. A LoRA
+    policy writes its adapter."""
+    from rlfuse import models
+
     with atomic_folder(folder) as tmp:
-        ctx.policy.save_pretrained(tmp)
+        models.save_pretrained(ctx.policy, tmp, dtype)
         ctx.tokenizer.save_pretrained(tmp)
         if len(ctx.modules):
             torch.save(ctx.modules.state_dict(), tmp / MODULES_FILE)
@@ -82,8 +86,10 @@ def save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: 
     config and ``state``); keep the last ``trainer.keep_last`` complete ones."""
     ckpt_dir = ctx.run_dir / "checkpoints"
     folder = ckpt_dir / f"step_{step:07d}"
+    from rlfuse import models
+
     with atomic_folder(folder) as tmp:
-        ctx.policy.save_pretrained(tmp)
+        models.save_pretrained(ctx.policy, tmp)  # the fp32 masters (a LoRA policy: its adapter)
         ctx.tokenizer.save_pretrained(tmp)
         if len(ctx.modules):
             torch.save(ctx.modules.state_dict(), tmp / MODULES_FILE)
@@ -151,9 +157,7 @@ def load_checkpoint(ctx: Context, opt: torch.optim.Optimizer, ckpt: Path) -> tup
 
     state = read_state(ckpt)
     dtype = next(ctx.policy.parameters()).dtype
-    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
-    ctx.policy.load_state_dict(loaded.state_dict())
-    del loaded
+    models.load_weights(ctx.policy, ckpt)
     # The frozen reference is a copy of the *initial* policy, never of the resumed one: built
     # lazily after a resume, it is rebuilt from the config exactly as the run built it.
     cfg = ctx.cfg

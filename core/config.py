@@ -28,15 +28,30 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``pip install 'rlfuse[lora]'``); ``r: 0`` = off. docs/lora.md"""
+
+    r: int = 0  # adapter rank; 0 = full fine-tuning
+    alpha: float = 16.0  # scale = alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # null = every linear layer but the lm_head ("all-linear")
+    merge_final: bool = False  # also write final/merged: the base with the adapter merged in
+
+
+@dataclass
 class ModelConfig:
     kind: str = "tiny"  # tiny: name_or_path may be null (build the tiny model) | hf: name_or_path required
     name_or_path: str | None = None  # local folder or hub name; null = build the tiny model
     tokenizer: str | None = None  # default: same as name_or_path
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # Storage dtype of the trained weights; null = what trainer.precision needs (float32
+    # masters, bfloat16 for bf16-true). docs/precision.md
+    dtype: str | None = None  # null | float32 | bfloat16 | float16
+    ref_dtype: str | None = None  # frozen reference copy: null = the policy's dtype | bfloat16 | ...
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -80,6 +95,10 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch.set_num_threads
     progress: bool = True  # console progress bar
+    # Compute precision, separate from the weights' dtype (docs/precision.md):
+    # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true; auto = bf16-mixed on a bf16 GPU, else fp32
+    precision: str = "auto"
+    save_dtype: str | None = None  # dtype of final/'s weights: null = the trained weights' dtype
     # Under torchrun: ddp = the ranks train one model (gradients summed, global batch);
     # none = one model per rank, combined only by the sync plugin (algo=decentralized).
     strategy: str = "ddp"

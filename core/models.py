@@ -114,7 +114,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_policy(cfg: ModelConfig, tokenizer: Any, seed: int) -> nn.Module:
     if cfg.name_or_path is None:
-        model = build_tiny_model(cfg, tokenizer, seed).to(DTYPES[cfg.dtype])
+        model = build_tiny_model(cfg, tokenizer, seed).to(DTYPES[cfg.dtype or "float32"])
     else:
         model = load_pretrained(cfg.name_or_path, cfg)
     if model.generation_config is not None:
@@ -123,19 +123,115 @@ def load_policy(cfg: ModelConfig, tokenizer: Any, seed: int) -> nn.Module:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora.r:
+        model = apply_lora(model, cfg)
     return model
+
+
+# ------------------------------------------------------------------------- LoRA (peft)
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Wrap ``model`` in a peft LoRA model: only the adapters train, the base is frozen."""
+    lc = cfg.lora
+    if lc.r < 0 or lc.alpha <= 0 or not 0 <= lc.dropout < 1:
+        raise ValueError(f"model.lora: need r >= 0, alpha > 0, 0 <= dropout < 1; got r={lc.r}, alpha={lc.alpha}, dropout={lc.dropout}")
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("model.lora.r > 0 needs peft: pip install 'rlfuse[lora]'") from None
+    targets = list(lc.target_modules) if lc.target_modules else "all-linear"
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets
+    )
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise ValueError(f"model.lora.target_modules={targets}: {e}") from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+class AdapterDisabled(nn.Module):
+    """The reference of a LoRA policy: the same base model with its adapters switched off.
+
+    No copy: the policy is held outside the module tree, so this module has no parameters of
+    its own and moving or freezing it never touches the policy."""
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["peft_model"] = peft_model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load a checkpoint folder written by :func:`save_pretrained` into ``model`` in place."""
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+        return
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict())
+
+
+def save_merged(model: nn.Module, tokenizer: Any, folder: Path, dtype: str | None = None) -> None:
+    """A plain ``save_pretrained`` folder of a LoRA policy with its adapter merged in."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_pretrained(merged, folder, dtype)
+    tokenizer.save_pretrained(folder)
 
 
 def load_pretrained(path: str, cfg: ModelConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if cfg.dtype not in DTYPES:
+    dtype = cfg.dtype or "float32"
+    if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
     key = "model.ref_name_or_path" if path == cfg.ref_name_or_path else "model.name_or_path"
     check_model_path(path, key)
     return _load("model", path, key, lambda: AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        path, dtype=DTYPES[dtype], trust_remote_code=cfg.trust_remote_code
     ))
+
+
+def torch_dtype(name: str, key: str) -> torch.dtype:
+    """``DTYPES[name]``, or an error naming the config key."""
+    if name not in DTYPES:
+        raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got '{name}'")
+    return DTYPES[name]
+
+
+def save_pretrained(model: nn.Module, folder: Path, dtype: str | None = None) -> None:
+    """``model.save_pretrained(folder)``, the weights cast to ``dtype`` when given (the
+    model itself keeps its own dtype). A LoRA model writes its adapter (in its own dtype)."""
+    if dtype is None or is_peft(model):
+        model.save_pretrained(folder)
+        return
+    cast = torch_dtype(dtype, "trainer.save_dtype")
+    state = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state)
+    config = getattr(model, "config", None)
+    if config is not None:  # record the saved dtype, so `from_pretrained(dtype="auto")` loads it as saved
+        cfg_file = Path(folder) / "config.json"
+        if cfg_file.exists():
+            import json
+
+            data = json.loads(cfg_file.read_text())
+            data["dtype"] = data["torch_dtype"] = dtype
+            cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -176,6 +272,11 @@ def forward(
     """
     from rlfuse.kernels import linear_token_logprobs, token_logprobs
 
+    if isinstance(model, AdapterDisabled):  # a LoRA policy's reference: the base alone
+        with model.peft_model.disable_adapter():
+            return forward(model.peft_model, batch, entropy=entropy, hidden=hidden, temperature=temperature)
+    if is_peft(model):  # the wrapped transformers model (adapters injected in its layers)
+        model = model.get_base_model()
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids(mask)
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)

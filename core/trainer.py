@@ -48,6 +48,7 @@ from rlfuse.data import Batch, ForwardOutput, LossOutput
 from rlfuse.errors import NonFiniteError
 from rlfuse.manager import PluginError, PluginManager, load_plugins
 from rlfuse.metrics import finite_or_none
+from rlfuse.precision import Precision
 
 
 class Context:
@@ -63,6 +64,7 @@ class Context:
         self.pm = pm
         self.hook = pm.hook
         self.device = resolve_device(cfg.trainer.device)
+        self.precision = Precision.from_config(cfg, self.device)  # autocast, optimiser
         self.step = 0
         self.tokenizer: Any = None
         self.policy: nn.Module = None  # type: ignore[assignment]
@@ -86,11 +88,17 @@ class Context:
         or ``model.ref_name_or_path``)."""
         if self._reference is None:
             mcfg = self.cfg.model
+            if models.is_peft(self.policy) and not mcfg.ref_name_or_path:  # LoRA: adapters off, no copy
+                self._reference = models.AdapterDisabled(self.policy)  # not set_reference: it would freeze the adapters
+                self._reference_version += 1
+                return self._reference
             if mcfg.ref_name_or_path:
                 ref = models.load_pretrained(mcfg.ref_name_or_path, mcfg)
                 ref = models.frozen_copy(ref)
             else:
                 ref = models.frozen_copy(self._initial_policy() if self._initial_policy else self.policy)
+            if mcfg.ref_dtype:
+                ref = ref.to(models.torch_dtype(mcfg.ref_dtype, "model.ref_dtype"))
             self.set_reference(ref)
         return self._reference  # type: ignore[return-value]
 
@@ -310,13 +318,15 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
     ctx.reward_weights = {k: float(w) for k, w in load_plugins(cfg, pm)["weight"].items()}
     ctx.tokenizer = models.load_tokenizer(cfg.model)
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed).to(ctx.device)
+    ctx.precision.prepare(ctx.policy)
     ctx.hook.setup(ctx=ctx)
+    ctx.precision.prepare(ctx.modules)  # heads added in setup train in the masters' dtype too
     distributed.prepare(ctx)  # same initial weights on every rank
 
     groups = ctx.param_groups(cfg.algo.lr)
     for g in groups:
         g["base_lr"] = g["lr"]
-    opt = torch.optim.AdamW(
+    opt = ctx.precision.optimizer(
         groups, betas=tuple(cfg.trainer.betas), eps=cfg.trainer.eps, weight_decay=cfg.trainer.weight_decay
     )
 
@@ -386,7 +396,9 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
         }
     )
     if ctx.dist.is_main:
-        save_policy(ctx, run_dir / "final")
+        save_policy(ctx, run_dir / "final", dtype=cfg.trainer.save_dtype)
+        if cfg.model.lora.r and cfg.model.lora.merge_final:
+            models.save_merged(ctx.policy, ctx.tokenizer, run_dir / "final" / "merged", cfg.trainer.save_dtype)
     if cfg.trainer.save_every:
         _save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary, "counters": counters, "final": True})
     ctx.hook.teardown(ctx=ctx, summary=summary)
@@ -426,7 +438,8 @@ def _save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state:
 
 
 def _evaluate(ctx: Context, step: int, before: bool = False, prefix: str = "") -> dict[str, Any]:
-    results = distributed.reduce_eval_metrics(ctx, merge(ctx.hook.evaluate(ctx=ctx, step=step)), prefix)
+    with ctx.precision.autocast():
+        results = distributed.reduce_eval_metrics(ctx, merge(ctx.hook.evaluate(ctx=ctx, step=step)), prefix)
     if results and ctx.dist.is_main:
         ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, **results})
     if before:
@@ -437,17 +450,20 @@ def _evaluate(ctx: Context, step: int, before: bool = False, prefix: str = "") -
 def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> dict[str, float]:
     cfg = ctx.cfg.trainer
     ctx.policy.train()
-    batch = ctx.hook.rollout(ctx=ctx, step=step)
+    with ctx.precision.autocast():
+        batch = ctx.hook.rollout(ctx=ctx, step=step)
     if batch is None:
         raise PluginError("no rollout plugin returned a batch (is `rollout` configured?)")
     metrics: dict[str, float] = {}
-    _apply_rewards(ctx, batch, metrics)
+    with ctx.precision.autocast():
+        _apply_rewards(ctx, batch, metrics)
     bad = [k[len("reward/") : -len("/mean")] for k, v in metrics.items() if k.endswith("/mean") and k.count("/") == 2 and not math.isfinite(v)]
     if bad and _nonfinite(ctx, step, f"the reward of {', '.join(repr(b) for b in bad)}"):
         metrics.update({"_skipped": 1, "_tokens": float(batch.num_tokens), "optim/updates": 0})
         metrics["response/length_mean"] = float(batch.response_lengths().float().mean())
         return metrics
-    adv = ctx.hook.advantage(ctx=ctx, batch=batch)
+    with ctx.precision.autocast():
+        adv = ctx.hook.advantage(ctx=ctx, batch=batch)
     if adv is not None:
         batch.advantages, batch.returns = adv.advantages, adv.returns
         metrics.update({k: _float(v) for k, v in adv.metrics.items()})
@@ -468,13 +484,14 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
             for part in mb.split(micro):
                 part.totals = totals
                 sources: dict[str, str] = {}
-                terms, stats = _collect_losses(ctx, part, sources)
+                with ctx.precision.autocast():
+                    terms, stats = _collect_losses(ctx, part, sources)
                 bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
                 if bad:  # never back-propagated: the gradients stay finite
                     what = ", ".join(f"loss term '{k}' (from {sources.get(k) or 'a loss plugin'})" for k in bad)
                     skip = _nonfinite(ctx, step, what)
                 else:
-                    sum(terms.values()).backward()
+                    ctx.precision.backward(sum(terms.values()))
                 for k, v in terms.items():
                     step_terms[k] += float(v.detach())
                 for k, v in stats.items():  # row-weighted mean over micro-batches
@@ -483,6 +500,7 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
                 sums[f"loss/{k}"] += v
             sums["loss/total"] += sum(step_terms.values())
             distributed.reduce_gradients(ctx, params)
+            ctx.precision.unscale(opt)  # fp16: true gradients before the checks and the clip
             if ctx.dist.enabled:  # every rank skips, or none: a skipped update must not split the ranks
                 skip = bool(ctx.dist.all_reduce(torch.tensor([float(skip)]), op="max", what="non-finite check")[0] > 0)
             ctx.hook.before_step(ctx=ctx, step=step)
@@ -491,12 +509,20 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
                 sums["optim/grad_norm"] += float(gn)
             elif not skip:
                 gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not skip and not math.isfinite(float(gn)):
+            overflow = False
+            if not skip and not math.isfinite(float(gn)) and ctx.precision.scaler is not None:
+                overflow = True  # fp16 loss-scale overflow: scaler.step skips the update, update() lowers the scale
+                ctx.precision.step(opt)
+            elif not skip and not math.isfinite(float(gn)):
                 skip = _nonfinite(ctx, step, f"the gradient norm ({float(gn)})")
             if skip:  # neither the weights nor the optimiser state see it
                 skipped += 1
+                if ctx.precision.scaler is not None:
+                    ctx.precision.scaler.update()  # unscale_ was called: close the scaler's step
+            elif overflow:
+                skipped += 1
             else:
-                opt.step()
+                ctx.precision.step(opt)
                 n_updates += 1
             opt.zero_grad(set_to_none=True)
             n_minibatches += 1

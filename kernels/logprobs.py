@@ -387,8 +387,16 @@ def _chunk_logits(h, w, b):
     return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()  # (n, V)
 
 
-def linear_lp_forward(backend, h, w, b, labels, opts, rows):
-    """h (N, H), w (V, H), b (V,)|None -> (logp, lse, ent|None): logits exist one chunk at a time."""
+def _cast(cdt, *xs):
+    """The matmul inputs in the compute dtype (autocast's, when one was active), or as given."""
+    return tuple(x if (x is None or cdt is None) else x.to(cdt) for x in xs)
+
+
+def linear_lp_forward(backend, h, w, b, labels, opts, rows, cdt=None):
+    """h (N, H), w (V, H), b (V,)|None -> (logp, lse, ent|None): logits exist one chunk at a time.
+
+    ``cdt``: the matmul dtype (autocast's); the log-softmax still accumulates in fp32."""
+    h, w, b = _cast(cdt, h, w, b)
     N = h.shape[0]
     f32 = dict(dtype=torch.float32, device=h.device)
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
@@ -402,13 +410,17 @@ def linear_lp_forward(backend, h, w, b, labels, opts, rows):
     return logp, lse, ent
 
 
-def linear_lp_backward(backend, h, w, b, labels, lse, ent, g_lp, g_ent, opts, rows, needs):
-    """Recompute each logits chunk, turn it into d(logits) in place, fold into dh, dW, db."""
+def linear_lp_backward(backend, h, w, b, labels, lse, ent, g_lp, g_ent, opts, rows, needs, cdt=None):
+    """Recompute each logits chunk, turn it into d(logits) in place, fold into dh, dW, db.
+
+    With ``cdt`` the matmuls run in that dtype and dW / db accumulate across chunks in the
+    weight's own dtype (fp32 masters under autocast)."""
     need_h, need_w, need_b = needs
     N = h.shape[0]
     dh = torch.empty_like(h) if need_h else None
     dw = torch.zeros_like(w) if need_w else None
     db = torch.zeros_like(b) if (need_b and b is not None) else None
+    h, w, b = _cast(cdt, h, w, b)
     g_lp = g_lp.float().contiguous() if g_lp is not None else torch.zeros_like(lse)
     if g_ent is not None:
         g_ent = g_ent.float().contiguous()
@@ -420,11 +432,17 @@ def linear_lp_backward(backend, h, w, b, labels, lse, ent, g_lp, g_ent, opts, ro
         bwd(logits, labels[s:e], valid[s:e], lse[s:e], ent[s:e] if ent is not None else None,
             g_lp[s:e], g_ent[s:e] if g_ent is not None else None, opts, logits)  # fmt: skip
         if dh is not None:
-            torch.mm(logits, w, out=dh[s:e])  # (n, H)
+            if dh.dtype == logits.dtype:
+                torch.mm(logits, w, out=dh[s:e])  # (n, H)
+            else:
+                dh[s:e] = logits @ w
         if dw is not None:
-            dw.addmm_(logits.t(), h[s:e])  # (V, H)
+            if dw.dtype == logits.dtype:
+                dw.addmm_(logits.t(), h[s:e])  # (V, H)
+            else:
+                dw.add_(logits.t() @ h[s:e])
         if db is not None:
-            db.add_(logits.sum(0))
+            db.add_(logits.sum(0, dtype=db.dtype))
     return dh, dw, db
 
 
@@ -458,10 +476,10 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     """(N, H) hidden, (V, H) weight, (V,)|None bias, (N,) labels -> logp (N,) [, entropy]."""
 
     @staticmethod
-    def forward(ctx, h, w, b, labels, opts: LogprobOptions, backend: str, rows: int):
-        logp, lse, ent = linear_lp_forward(backend, h, w, b, labels, opts, rows)
+    def forward(ctx, h, w, b, labels, opts: LogprobOptions, backend: str, rows: int, cdt=None):
+        logp, lse, ent = linear_lp_forward(backend, h, w, b, labels, opts, rows, cdt)
         ctx.save_for_backward(h, w, b, labels, lse, ent)
-        ctx.opts, ctx.backend, ctx.rows = opts, backend, rows
+        ctx.opts, ctx.backend, ctx.rows, ctx.cdt = opts, backend, rows, cdt
         ctx.set_materialize_grads(False)
         return (logp, ent) if opts.entropy else logp
 
@@ -469,12 +487,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent=None):
         h, w, b, labels, lse, ent = ctx.saved_tensors
         if g_lp is None and g_ent is None:
-            return (None,) * 7
+            return (None,) * 8
         needs = ctx.needs_input_grad[:3]
         dh, dw, db = linear_lp_backward(
-            ctx.backend, h, w, b, labels, lse, ent, g_lp, g_ent, ctx.opts, ctx.rows, needs
+            ctx.backend, h, w, b, labels, lse, ent, g_lp, g_ent, ctx.opts, ctx.rows, needs, ctx.cdt
         )
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,6 +570,10 @@ def linear_token_logprobs(
     :param hidden: (..., H) final hidden states; :param lm_head_weight: (V, H);
     :param bias: optional (V,); other parameters as :func:`token_logprobs`.
     :returns: logp (...) fp32, or (logp, entropy).
+
+    Under ``torch.autocast`` the chunk matmuls run in the autocast dtype in the forward *and*
+    the recomputing backward (the weight stays in its own dtype: dW accumulates there, in fp32
+    for fp32 master weights), and the log-softmax accumulates in fp32 as always.
     """
     H = hidden.shape[-1]
     _check_labels(labels, hidden.shape[:-1], "linear_token_logprobs")
@@ -561,9 +583,12 @@ def linear_token_logprobs(
     opts = LogprobOptions(float(temperature), int(ignore_index), bool(return_entropy), False)
     h = hidden.reshape(-1, H)  # (N, H)
     rows = linear_chunk_rows(h.shape[0], lm_head_weight.shape[0], h.device, chunk_size)
-    out = LinearTokenLogprobsFunction.apply(
-        h, lm_head_weight, bias, labels.reshape(-1), opts, name, rows
-    )
+    dev = h.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    with torch.autocast(dev, enabled=False):  # the Function casts explicitly (cdt), fwd and bwd alike
+        out = LinearTokenLogprobsFunction.apply(
+            h, lm_head_weight, bias, labels.reshape(-1), opts, name, rows, cdt
+        )
     if return_entropy:
         return out[0].view(labels.shape), out[1].view(labels.shape)
     return out.view(labels.shape)

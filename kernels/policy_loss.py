@@ -42,6 +42,7 @@ import torch
 from ._dispatch import HAS_TRITON, resolve_backend
 from .logprobs import (
     LogprobOptions,
+    _cast,
     _check_labels,
     _chunk_logits,
     _prep_rows,
@@ -580,7 +581,7 @@ def _triton_fused_forward(x, labels, old, adv, ref, m, w, lopts, cfg):
 
 
 def _linear_loss_with_grads(
-    backend, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, rows, needs
+    backend, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, rows, needs, cdt=None
 ):
     """Forward of the chunked linear loss that also computes d(hidden), d(W), d(b) for g = 1.
 
@@ -592,8 +593,9 @@ def _linear_loss_with_grads(
     f32 = dict(dtype=torch.float32, device=h.device)
     need_h, need_w, need_b = needs
     dh = torch.empty_like(h) if need_h else None
-    dw = torch.zeros_like(wt) if need_w else None
+    dw = torch.zeros_like(wt) if need_w else None  # in the weight's dtype (fp32 masters)
     db = torch.zeros_like(b) if (need_b and b is not None) else None
+    h, wt, b = _cast(cdt, h, wt, b)  # the matmuls in autocast's dtype, when one was active
     logp = torch.empty(N, **f32)
     loss = torch.zeros((), **f32)
     stats = torch.zeros(_NSTAT, **f32)
@@ -615,11 +617,17 @@ def _linear_loss_with_grads(
         lp_bwd = _triton_lp_backward if backend == "triton" else _torch_lp_backward
         lp_bwd(logits, labels[sl], valid[sl], lse_c, ent_c, dlp_c, dent_c, lopts, logits)
         if dh is not None:
-            torch.mm(logits, wt, out=dh[sl])  # (n, H)
+            if dh.dtype == logits.dtype:
+                torch.mm(logits, wt, out=dh[sl])  # (n, H)
+            else:
+                dh[sl] = logits @ wt
         if dw is not None:
-            dw.addmm_(logits.t(), h[sl])  # (V, H)
+            if dw.dtype == logits.dtype:
+                dw.addmm_(logits.t(), h[sl])  # (V, H)
+            else:
+                dw.add_(logits.t() @ h[sl])
         if db is not None:
-            db.add_(logits.sum(0))
+            db.add_(logits.sum(0, dtype=db.dtype))
     return logp, loss, stats, dh, dw, db
 
 
@@ -631,10 +639,10 @@ class LinearPolicyLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, backend, rows, grad_on):
+    def forward(ctx, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, backend, rows, grad_on, cdt=None):
         needs = tuple(bool(grad_on and n) for n in ctx.needs_input_grad[:3])
         logp, loss, stats, dh, dw, db = _linear_loss_with_grads(
-            backend, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, rows, needs
+            backend, h, wt, b, labels, old, adv, ref, m, w, lopts, cfg, rows, needs, cdt
         )
         ctx.save_for_backward(dh, dw, db)
         ctx.done = False
@@ -649,7 +657,7 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             )
         ctx.done = True
         grads = [t.mul_(g.to(t.dtype)) if t is not None else None for t in ctx.saved_tensors]
-        return tuple(grads) + (None,) * 11
+        return tuple(grads) + (None,) * 12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -848,22 +856,26 @@ def linear_policy_loss(
                                    ref_logprobs, cfg, num_tokens, num_seqs, hidden.device)  # fmt: skip
     h = hidden.reshape(-1, H)
     rows = linear_chunk_rows(h.shape[0], lm_head_weight.shape[0], h.device, chunk_size)
-    loss, stats, logp = LinearPolicyLossFunction.apply(
-        h,
-        lm_head_weight,
-        bias,
-        labels.reshape(-1),
-        old,
-        adv,
-        ref,
-        m,
-        w,
-        lopts,
-        cfg,
-        name,
-        rows,
-        torch.is_grad_enabled(),
-    )
+    dev = h.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    with torch.autocast(dev, enabled=False):  # the Function casts explicitly (cdt); grads stay in fp32 masters
+        loss, stats, logp = LinearPolicyLossFunction.apply(
+            h,
+            lm_head_weight,
+            bias,
+            labels.reshape(-1),
+            old,
+            adv,
+            ref,
+            m,
+            w,
+            lopts,
+            cfg,
+            name,
+            rows,
+            torch.is_grad_enabled(),
+            cdt,
+        )
     return _output(loss, stats, m, need_ent, logp, shape)
 
 

@@ -16,13 +16,18 @@ import torch
 
 from rlfuse.data import Batch
 from rlfuse.plugins._data.records import (
+    ChatStats,
     DataError,
+    answer_messages,
+    chat_prompt,
     completion_text,
     encode_answer,
+    encode_chat,
     encode_prompt,
     pack,
     prompt_text,
     read_jsonl,
+    report_chat,
 )
 
 NO_PREFERENCE = ("tie", "skip")  # `label` values written by `rlfuse label` that carry no pair
@@ -46,6 +51,7 @@ def load_pairs(ctx: Any, path: str) -> list[PairItem]:
     data, tok = ctx.cfg.data, ctx.tokenizer
     items: list[PairItem] = []
     skipped = 0
+    chat = ChatStats()
     for r in read_jsonl(path):
         if r.row.get("label") in NO_PREFERENCE:
             skipped += 1
@@ -53,20 +59,31 @@ def load_pairs(ctx: Any, path: str) -> list[PairItem]:
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in r.row]
         if missing:
             raise DataError(f"{r.where}: missing field(s) {missing}; a preference row needs prompt, chosen, rejected")
-        p = prompt_text(r, tok)
         c = completion_text(r, tok, field="chosen")
         j = completion_text(r, tok, field="rejected")
         margin = r.row.get("margin", 0.0)
         if not isinstance(margin, (int, float)) or isinstance(margin, bool):
             raise DataError(f"{r.where}: field 'margin' must be a number, got {type(margin).__name__}")
+        msgs = chat_prompt(r)
+        if msgs is not None:  # chat: both answers through the template, cut on token ids
+            args = (data.max_prompt_length, data.truncation, r.where, chat)
+            p_ids, c_ids, p = encode_chat(tok, msgs, answer_messages(r, "chosen"), *args)
+            p_ids_r, j_ids, _ = encode_chat(tok, msgs, answer_messages(r, "rejected"), *args)
+            if p_ids_r != p_ids:  # re-tokenised differently at the two answers: keep both exact
+                common = next((i for i, (a, b) in enumerate(zip(p_ids, p_ids_r, strict=False)) if a != b), min(len(p_ids), len(p_ids_r)))
+                c_ids, j_ids = p_ids[common:] + c_ids, p_ids_r[common:] + j_ids
+                p_ids = p_ids[:common]
+        else:
+            p = prompt_text(r, tok)
+            p_ids = encode_prompt(tok, p, data.max_prompt_length, data.truncation, r.where)
+            c_ids, j_ids = encode_answer(tok, c), encode_answer(tok, j)
         items.append(
             PairItem(
-                prompt_ids=encode_prompt(tok, p, data.max_prompt_length, data.truncation, r.where),
-                chosen_ids=encode_answer(tok, c),
-                rejected_ids=encode_answer(tok, j),
+                prompt_ids=p_ids, chosen_ids=c_ids, rejected_ids=j_ids,
                 prompt=p, chosen=c, rejected=j, row=r.row, key=r.where, margin=float(margin),
             )
         )
+    report_chat(chat, path)
     if not items:
         raise DataError(f"{path}: no preference pairs (all {skipped} rows are ties or skips)")
     cut = sum(

@@ -2,7 +2,9 @@
 
 Greedy (or sampled) responses to ``data.eval_prompts`` are scored by ``data.reward_fn``
 (``module:function``, called like a ``reward=rule`` function). Reports ``eval/reward`` (mean
-true reward) and ``eval/exact`` (fraction scoring 1.0). Reward components named in
+true reward) and ``eval/exact`` (fraction scoring 1.0). When the data has no ``eval_prompts`` or no
+``reward_fn`` (your own preference or SFT data, say) it skips itself with a one-line notice, so
+the default ``eval: [task]`` never blocks a run on data that has no task. Reward components named in
 ``scorers`` (e.g. ``[model]`` for a learned reward model) also score the same responses, as
 ``eval/score/<name>``: the learned score sits beside the true reward, so a policy that games
 the reward model shows up as a rising score with a flat or falling true reward.
@@ -46,6 +48,7 @@ class Plugin:
     def __init__(self, cfg: Config, name: str = "task") -> None:
         self.cfg = cfg
         self.name = name
+        self.items: list[Any] | None = None  # None: skipped (no eval prompts or reward function)
         self.started = False  # eval_samples.jsonl: started anew by a fresh run
 
     @hookimpl
@@ -58,8 +61,16 @@ class Plugin:
     @hookimpl
     def setup(self, ctx: Any) -> None:
         data = ctx.cfg.data
-        if not data.eval_prompts or not data.reward_fn:
-            raise ValueError("eval=task needs data.eval_prompts and data.reward_fn")
+        missing = [k for k in ("eval_prompts", "reward_fn") if not getattr(data, k, None)]
+        if missing:
+            import sys
+
+            print(
+                f"[rlfuse] eval.{self.name} skipped: data.{' and data.'.join(missing)} not set "
+                "(set them to evaluate on a task, or eval=[] to silence this)",
+                file=sys.stderr,
+            )
+            return
         recs = read_jsonl(data.eval_prompts, required=(("prompt",), ("messages",)))[: self.cfg.num_prompts]
         texts = [prompt_text(r, ctx.tokenizer) for r in recs]
         ids = encode_prompts(ctx.tokenizer, texts, data.max_prompt_length, data.truncation, [r.where for r in recs])
@@ -71,6 +82,8 @@ class Plugin:
 
     @hookimpl
     def evaluate(self, ctx: Any, step: int) -> dict[str, float]:
+        if self.items is None:
+            return {}
         true, scores = [], {n: [] for n in self.cfg.scorers}
         examples = []
         for s in range(0, len(self.items), self.cfg.batch_size):

@@ -185,6 +185,10 @@ def to_sequence_classifier(policy: nn.Module, head: nn.Linear, pad_token_id: int
 
     from transformers import AutoModelForSequenceClassification
 
+    from rlfuse.models import is_peft
+
+    if is_peft(policy):  # a LoRA-trained trunk: the reward model holds it merged
+        policy = copy.deepcopy(policy).merge_and_unload()
     config = copy.deepcopy(policy.config)
     config.num_labels = 1
     config.pad_token_id = pad_token_id

@@ -14,12 +14,17 @@ from rlfuse import hookimpl
 from rlfuse.data import Batch
 from rlfuse.errors import require
 from rlfuse.plugins._data.records import (
+    ChatStats,
+    answer_messages,
+    chat_prompt,
     completion_text,
     encode_answers,
+    encode_chat,
     encode_prompts,
     pack,
     prompt_text,
     read_jsonl,
+    report_chat,
 )
 from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 
@@ -47,10 +52,22 @@ class Plugin(StreamPlugin):
         if not data.sft:
             raise ValueError("rollout=sft_data needs data.sft (a JSONL file of demonstrations)")
         recs = read_jsonl(data.sft, required=(("prompt", "completion"), ("messages",)))
-        prompts = [prompt_text(r, tok) for r in recs]
-        p_ids = encode_prompts(tok, prompts, data.max_prompt_length, data.truncation, [r.where for r in recs])
-        a_ids = encode_answers(tok, [completion_text(r, tok) for r in recs])
-        items = list(zip(p_ids, a_ids, prompts, [r.row for r in recs], strict=True))
+        chats = [chat_prompt(r) for r in recs]
+        text = [r for r, m in zip(recs, chats, strict=True) if m is None]
+        prompts = [prompt_text(r, tok) for r in text]
+        p_ids = encode_prompts(tok, prompts, data.max_prompt_length, data.truncation, [r.where for r in text])
+        a_ids = encode_answers(tok, [completion_text(r, tok) for r in text])
+        encoded = iter(zip(p_ids, a_ids, prompts, strict=True))
+        stats, items = ChatStats(), []
+        for r, msgs in zip(recs, chats, strict=True):
+            if msgs is None:  # text prompt + completion (+ EOS)
+                items.append((*next(encoded), r.row))
+            else:  # chat: the answer through the template too, cut on token ids
+                p, a, ptext = encode_chat(
+                    tok, msgs, answer_messages(r), data.max_prompt_length, data.truncation, r.where, stats
+                )
+                items.append((p, a, ptext, r.row))
+        report_chat(stats, data.sft)
         self.stream = RecordStream(items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle, **shard(ctx))
 
     @hookimpl

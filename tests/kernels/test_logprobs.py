@@ -238,3 +238,28 @@ def test_large_vocab_chunked_torch(device, monkeypatch):
     g = torch.autograd.grad(lp.sum() + ent.sum(), x)[0]
     g_ref = torch.autograd.grad(rlp.sum() + rent.sum(), x)[0]
     _close(g, g_ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_linear_under_autocast_keeps_fp32_accumulation_and_master_grads(chunk_size):
+    """Under bf16 autocast the lm_head matmul runs in bf16 in the forward *and* the
+    recomputing backward, log-probs come out fp32, and dW lands in the fp32 master weight
+    (accumulated over chunks in fp32): equal to the reference on bf16-rounded inputs."""
+    torch.manual_seed(0)
+    h = torch.randn(7, 16, requires_grad=True)  # fp32 hidden (Llama's final norm gives fp32)
+    w = (torch.randn(40, 16) * 0.3).requires_grad_()
+    labels = torch.randint(0, 40, (7,))
+    labels[2] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = linear_token_logprobs(h, w, labels, chunk_size=chunk_size, backend="torch")
+    assert lp.dtype == torch.float32
+    lp.sum().backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    hb = h.detach().bfloat16().float().requires_grad_()
+    wb = w.detach().bfloat16().float().requires_grad_()
+    z = (hb @ wb.t()).bfloat16().float()  # the bf16 logits autocast produces
+    want = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0)[:, None])[:, 0] * (labels != -100)
+    torch.testing.assert_close(lp, want, rtol=0, atol=1e-5)
+    want.sum().backward()
+    torch.testing.assert_close(w.grad, wb.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h.grad, hb.grad, rtol=2e-2, atol=2e-2)

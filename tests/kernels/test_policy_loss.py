@@ -303,3 +303,26 @@ def test_linear_policy_loss_no_grad_and_single_backward(backend, device):
     torch.testing.assert_close(w.grad, g_ref[1], atol=1e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="twice"):
         b.loss.backward()
+
+
+def test_linear_policy_loss_under_autocast_matches_the_logits_path():
+    """Under bf16 autocast the chunked linear loss runs its matmuls in bf16, keeps fp32
+    accumulation, and puts d(W) into the fp32 master weight: same as the logits path."""
+    from rlfuse.kernels import fused_policy_loss, linear_policy_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 16)
+    w = (torch.randn(40, 16) * 0.3).requires_grad_()
+    labels = torch.randint(0, 40, (2, 5))
+    old, adv = -torch.rand(2, 5) * 3, torch.randn(2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_policy_loss(h, w, labels, old, adv, chunk_size=3, backend="torch")
+    got.loss.backward()
+    assert got.loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    g_lin = w.grad.clone()
+    w.grad = None
+    logits = (h.bfloat16() @ w.bfloat16().t())  # what autocast gives the logits path
+    want = fused_policy_loss(logits, labels, old, adv, backend="torch")
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_lin, w.grad, rtol=3e-2, atol=3e-3)

@@ -76,9 +76,16 @@ def test_unknown_scorer_is_an_error_naming_it(ctx):
         p.evaluate(ctx=ctx, step=0)
 
 
-def test_needs_eval_prompts_and_reward_fn(ctx):
+def test_skips_itself_without_eval_prompts_or_reward_fn(ctx, capsys):
+    """Your own preference data has no task: the default `eval: [task]` must not block the run
+    (README: `rlfuse algo=dpo model=hf ... data=jsonl data.preferences=...` as written)."""
     ctx.cfg.data.reward_fn = None
-    with pytest.raises(ValueError, match="data.eval_prompts and data.reward_fn"):
-        task().setup(ctx=ctx)
+    plugin = task()
+    plugin.setup(ctx=ctx)
+    assert "eval.task skipped: data.reward_fn not set" in capsys.readouterr().err
+    assert plugin.evaluate(ctx=ctx, step=0) == {}
+    ctx.cfg.data.eval_prompts = None
+    task().setup(ctx=ctx)
+    assert "data.eval_prompts and data.reward_fn not set" in capsys.readouterr().err
     with pytest.raises(PluginError, match="eval.task.num_prompts"):
         task(num_prompts="many")
