@@ -253,7 +253,10 @@ def check_ranges(cfg: Any) -> None:
     one_of("model.kind", m.kind, ("tiny", "hf"))
     if OmegaConf.is_missing(m, "name_or_path") or (m.kind == "hf" and not m.name_or_path):
         raise ConfigError("model.name_or_path", "is required by this model config (a local folder or hub name)")
-    one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    one_of("model.dtype", m.dtype, (None, "float32", "bfloat16", "float16"))
+    one_of("model.ref_dtype", m.ref_dtype, (None, "float32", "bfloat16", "float16"))
+    one_of("trainer.save_dtype", t.save_dtype, (None, "float32", "bfloat16", "float16"))
+    one_of("trainer.precision", t.precision, ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"))
     tiny = m.tiny
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
         require(tiny[key] >= 1, f"model.tiny.{key}", ">= 1", tiny[key])
