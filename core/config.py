@@ -34,6 +34,7 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
+    share_prefix: bool = True  # rows with the same prompt run it once per forward (rlfuse.packing)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
 

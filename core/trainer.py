@@ -273,6 +273,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     kernels.set_default_backend(cfg.kernels.backend)
+    models.configure(cfg.model)
     seed_everything(cfg.seed)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
