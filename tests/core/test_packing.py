@@ -143,3 +143,12 @@ def test_unscored_positions_are_zero(model):
     off = ~packing.scored_positions(batch.response_mask, batch.attention_mask)
     assert (out.logprobs[off] == 0).all() and (out.entropy[off] == 0).all()
     assert (out.logprobs[~off] < 0).all()
+
+
+def test_no_scored_token_still_differentiable(model):
+    """A batch with an empty response_mask (a reward model reading hidden states, say)."""
+    ids = torch.randint(4, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    batch = Batch(ids, torch.ones_like(ids), torch.zeros(2, 7))
+    out = models.forward(model, batch, entropy=True, hidden=True)
+    assert (out.logprobs == 0).all() and out.logprobs.requires_grad
+    (out.logprobs.sum() + out.hidden.sum()).backward()
