@@ -49,9 +49,9 @@ def main() -> None:
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
+    import bench_vs_trl as bvt
     import torch
 
-    import bench_vs_trl as bvt
     import rlfuse.trainer as trainer
     from support import compose
 
