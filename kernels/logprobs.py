@@ -561,9 +561,13 @@ def linear_token_logprobs(
     opts = LogprobOptions(float(temperature), int(ignore_index), bool(return_entropy), False)
     h = hidden.reshape(-1, H)  # (N, H)
     rows = linear_chunk_rows(h.shape[0], lm_head_weight.shape[0], h.device, chunk_size)
-    out = LinearTokenLogprobsFunction.apply(
-        h, lm_head_weight, bias, labels.reshape(-1), opts, name, rows
-    )
+    w, b = lm_head_weight, bias
+    if torch.is_autocast_enabled(h.device.type):
+        # mixed precision: the matmuls in the autocast dtype, every buffer of the op in that
+        # same dtype (backward writes into them), logsumexp and log-probs still in fp32
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, w, b = h.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
+    out = LinearTokenLogprobsFunction.apply(h, w, b, labels.reshape(-1), opts, name, rows)
     if return_entropy:
         return out[0].view(labels.shape), out[1].view(labels.shape)
     return out.view(labels.shape)

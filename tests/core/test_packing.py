@@ -152,3 +152,18 @@ def test_no_scored_token_still_differentiable(model):
     out = models.forward(model, batch, entropy=True, hidden=True)
     assert (out.logprobs == 0).all() and out.logprobs.requires_grad
     (out.logprobs.sum() + out.hidden.sum()).backward()
+
+
+def test_forward_under_bf16_autocast(model):
+    """bf16-mixed (autocast): the scored forward runs, trains, and tracks fp32 loosely."""
+    batch = dpo_batch()
+    with torch.no_grad():
+        ref = models.forward(model, batch).logprobs
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = models.forward(model, batch, entropy=True, hidden=True)
+        out.logprobs.sum().backward()
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs, ref, rtol=0.05, atol=0.1)
+    assert all(p.grad is None or p.grad.dtype == p.dtype for p in model.parameters())
+    assert model.get_output_embeddings().weight.grad is not None
