@@ -69,6 +69,7 @@ class TrainerConfig:
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.0  # floor of the cosine/linear decay, as a fraction of lr
     max_grad_norm: float | None = 1.0
+    fused_optimizer: bool | None = None  # fused AdamW; null = on for a pretrained model (trainer.fused_adamw)
     eval_every: int = 0  # steps between evaluations (0 = only before and after)
     save_every: int = 0  # steps between checkpoints (0 = only the final one)
     resume: bool = False  # continue from the last checkpoint in the run dir
