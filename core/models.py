@@ -150,7 +150,8 @@ def forward(
 
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids(mask)
-    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
+    # (B, T-1); a row's first real token has no prediction (padding before it): not scored
+    labels = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
     h = None
     if _from_hidden_ok(model):
         return _forward_scored(model, batch, pos, entropy=entropy, hidden=hidden, temperature=temperature)
