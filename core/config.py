@@ -49,6 +49,7 @@ class ModelConfig:
     dtype: str | None = None  # null | float32 | bfloat16 | float16
     ref_dtype: str | None = None  # frozen reference copy: null = the policy's dtype | bfloat16 | ...
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
+    share_prefix: bool = True  # rows with the same prompt run it once per forward (rlfuse.packing)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -84,6 +85,7 @@ class TrainerConfig:
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.0  # floor of the cosine/linear decay, as a fraction of lr
     max_grad_norm: float | None = 1.0
+    fused_optimizer: bool | None = None  # fused AdamW; null = on for a pretrained model (trainer.fused_adamw)
     eval_every: int = 0  # steps between evaluations (0 = only before and after)
     save_every: int = 0  # steps between checkpoints (0 = only the final one)
     keep_last: int = 2  # complete checkpoints kept in <run_dir>/checkpoints

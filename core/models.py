@@ -267,10 +267,12 @@ def forward(
 
     The full (B, T, V) logits tensor is never formed when the model allows it: the final
     hidden states go through :func:`rlfuse.kernels.linear_token_logprobs` with the lm_head
-    weight, chunked over tokens. Otherwise the logits go through
-    :func:`rlfuse.kernels.token_logprobs`.
+    weight, chunked over tokens -- only at the positions ``response_mask`` scores, with
+    all-padding columns dropped and a prompt shared by several rows run once
+    (:mod:`rlfuse.packing`); log-probs and entropy outside ``response_mask`` are then 0.
+    Otherwise the logits go through :func:`rlfuse.kernels.token_logprobs`.
     """
-    from rlfuse.kernels import linear_token_logprobs, token_logprobs
+    from rlfuse.kernels import token_logprobs
 
     if isinstance(model, AdapterDisabled):  # a LoRA policy's reference: the base alone
         with model.peft_model.disable_adapter():
@@ -279,16 +281,11 @@ def forward(
         model = model.get_base_model()
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids(mask)
-    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
+    # (B, T-1); a row's first real token has no prediction (padding before it): not scored
+    labels = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
     h = None
     if _from_hidden_ok(model):
-        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos)
-        h = out.last_hidden_state  # (B, T, H)
-        head = model.get_output_embeddings()
-        res = linear_token_logprobs(
-            h[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,
-            return_entropy=entropy,
-        )
+        return _forward_scored(model, batch, pos, entropy=entropy, hidden=hidden, temperature=temperature)
     else:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=hidden)
         if hidden:
@@ -302,4 +299,61 @@ def forward(
     lp = torch.cat([pad, lp], dim=1)  # (B, T)
     if ent is not None:
         ent = torch.cat([pad, ent], dim=1)
+    return ForwardOutput(logprobs=lp, entropy=ent, hidden=h)
+
+
+# Whether forwards run a prompt shared by several rows once (``model.share_prefix``).
+SHARE_PREFIX = True
+
+
+def configure(cfg: ModelConfig) -> None:
+    """Apply the forward-pass settings of ``cfg`` (called by the trainer)."""
+    global SHARE_PREFIX
+    SHARE_PREFIX = bool(getattr(cfg, "share_prefix", True))
+
+
+def _forward_scored(
+    model: nn.Module, batch: Batch, pos: torch.Tensor, *, entropy: bool, hidden: bool, temperature: float
+) -> ForwardOutput:
+    """The hidden-states path of :func:`forward`: lm_head and log-softmax at scored positions
+    only, padding columns dropped, shared prompts run once (see :mod:`rlfuse.packing`)."""
+    from rlfuse import packing
+    from rlfuse.kernels import linear_token_logprobs
+
+    ids, mask = batch.input_ids, batch.attention_mask
+    B, T = ids.shape
+    score = packing.scored_positions(batch.response_mask, mask)  # (B, T)
+    impl = getattr(model.config, "_attn_implementation", None)
+    layout = None
+    if SHARE_PREFIX and impl in ("sdpa", "eager"):
+        layout = packing.plan_shared_prefixes(ids, mask, batch.response_mask, pos)
+    bi, ti = score.nonzero(as_tuple=True)  # scored tokens; each is predicted at t - 1
+    h = None
+    if layout is not None:
+        dtype = next(model.parameters()).dtype
+        out = model.base_model(
+            input_ids=layout.input_ids,
+            attention_mask=layout.attention_mask(impl, dtype),
+            position_ids=layout.position_ids,
+        )
+        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])  # (G * L, H)
+        rows = flat[layout.where[bi, ti - 1]]  # (N, H)
+        if hidden:
+            real = layout.where >= 0
+            h = flat[layout.where.clamp_min(0)] * real[..., None].to(flat.dtype)  # (B, T, H)
+    else:
+        cols = packing.trim_columns(mask)
+        out = model.base_model(input_ids=ids[:, cols], attention_mask=mask[:, cols], position_ids=pos[:, cols])
+        hc = out.last_hidden_state  # (B, T', H)
+        rows = hc[bi, ti - 1 - cols.start]  # (N, H)
+        if hidden:
+            h = torch.nn.functional.pad(hc, (0, 0, cols.start, T - cols.stop))  # (B, T, H)
+    head = model.get_output_embeddings()
+    res = linear_token_logprobs(
+        rows, head.weight, ids[bi, ti], bias=head.bias, temperature=temperature, return_entropy=entropy,
+    )
+    lp_rows, ent_rows = (res if entropy else (res, None))
+    zeros = torch.zeros((B, T), dtype=torch.float32, device=ids.device)
+    lp = zeros.index_put((bi, ti), lp_rows.float())
+    ent = zeros.index_put((bi, ti), ent_rows.float()) if ent_rows is not None else None
     return ForwardOutput(logprobs=lp, entropy=ent, hidden=h)

@@ -380,7 +380,7 @@ def linear_chunk_rows(n_rows: int, V: int, device: torch.device, chunk_size: int
     if chunk_size is not None:
         return max(1, min(n_rows, int(chunk_size)))
     rows = _row_chunk(n_rows, V, LINEAR_CHUNK_ELEMS.get(device.type, 1 << 24))
-    return min(n_rows, max(rows, LINEAR_MIN_ROWS.get(device.type, 128)))
+    return max(1, min(n_rows, max(rows, LINEAR_MIN_ROWS.get(device.type, 128))))  # >= 1: N may be 0
 
 
 def _chunk_logits(h, w, b):

@@ -18,6 +18,44 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     greedy: bool = False
+    share_prompt: bool = True  # prefill a prompt repeated in consecutive rows once (a group)
+
+
+def cache_arg(model: Any) -> str:
+    """The name transformers gives the KV-cache argument (``cache`` from 5.x, before that
+    ``past_key_values``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shared_prompt_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any | None:
+    """A KV cache of the prompts' first ``P - 1`` tokens, computed once per distinct prompt and
+    repeated for the rows that share it (a GRPO group: ``n`` copies); ``None`` when no two
+    consecutive rows share their prompt or the model has no ``DynamicCache``.
+
+    ``generate`` then runs only the last prompt token and the new ones: the prefill of a
+    group's prompt is done once instead of ``n`` times (same math, up to float rounding).
+    """
+    B, P = ids.shape
+    if B < 2 or P < 2:
+        return None
+    same = (ids[1:] == ids[:-1]).all(-1) & (mask[1:] == mask[:-1]).all(-1)  # row i+1 repeats row i
+    if not bool(same.any()):
+        return None
+    try:
+        from transformers import DynamicCache
+    except ImportError:  # pragma: no cover
+        return None
+    first = torch.cat([same.new_ones(1), ~same])  # (B,) row starts a new prompt
+    uniq = first.nonzero().squeeze(-1)  # (U,)
+    owner = first.long().cumsum(0) - 1  # (B,) index into uniq of each row
+    m = mask[uniq, :-1]
+    pos = (m.long().cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[uniq, :-1], attention_mask=m, position_ids=pos, use_cache=True, **{cache_arg(model): cache})
+    cache.batch_select_indices(owner.to(ids.device))
+    return cache
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +98,10 @@ def sample(
     else:
         kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     try:
+        if cfg.share_prompt:
+            cache = shared_prompt_cache(model, ids, mask)
+            if cache is not None:
+                kwargs[cache_arg(model)] = cache
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     finally:
         model.train(was_training)

@@ -48,13 +48,16 @@ class Plugin:
 
     @hookimpl
     def loss(self, ctx: Any, batch: Batch) -> LossOutput:
-        if batch.advantages is None or batch.old_logprobs is None:
+        on_policy = batch.old_logprobs is None and batch.extras.get("on_policy", False)
+        if batch.advantages is None or (batch.old_logprobs is None and not on_policy):
             raise ValueError("loss=ppo needs advantages and old log-probs (an advantage plugin and an online rollout)")
         out = ctx.forward(batch)
         ref = ctx.ref_logprobs(batch) if self.cfg.kl_coef > 0 else None
+        # on-policy (one update per rollout): the old policy IS the current one -> ratio = 1
+        old = out.logprobs.detach() if on_policy else batch.old_logprobs
         res = clipped_policy_loss(
             out.logprobs,
-            batch.old_logprobs,
+            old,
             batch.advantages,
             batch.response_mask,
             config=self.options,

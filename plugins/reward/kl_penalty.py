@@ -64,6 +64,10 @@ class Plugin:
 
     @hookimpl
     def reward(self, ctx: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        if batch.old_logprobs is None and batch.extras.get("on_policy"):
+            from rlfuse.plugins.rollout.generate import old_policy_forward
+
+            old_policy_forward(ctx, batch)  # skipped by the rollout (on-policy): needed here
         if batch.old_logprobs is None:
             raise ValueError("reward=kl_penalty needs old log-probs from an online rollout")
         ref = ctx.ref_logprobs(batch)

@@ -2,6 +2,13 @@
 
 Draws ``batch_size`` prompts from ``data.prompts``, samples ``n`` responses to each (rows of
 one prompt share a ``group_id``), and records the old policy's token log-probs.
+
+On-policy updates (``trainer.epochs == 1`` and one mini-batch per rollout) need no separate
+old-log-prob pass: the policy that generated the batch is the one the single update starts
+from, so ``loss=ppo`` takes the old log-probs from the training forward itself (ratio = 1
+exactly, the same gradient). With ``old_logprobs: auto`` the rollout then leaves
+``batch.old_logprobs`` unset and marks the batch ``extras["on_policy"] = True``; a plugin that
+needs them before training (``reward=kl_penalty``) computes them itself.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class Config:
     top_p: float = 1.0
     top_k: int = 0
     shuffle: bool = True
+    old_logprobs: str = "auto"  # auto (skip the pass when updates are on-policy) | rollout (always)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
@@ -35,6 +43,7 @@ class Config:
         require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         require(self.temperature > 0, "temperature", "> 0", self.temperature)
         require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        require(self.old_logprobs in ("auto", "rollout"), "old_logprobs", "auto or rollout", self.old_logprobs)
         require(self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
 
 
@@ -69,8 +78,30 @@ class Plugin(StreamPlugin):
         batch = sample(ctx.policy, ctx.tokenizer, ids, self.sampling, ctx.device)
         batch.rows = [row for _, row in picked for _ in range(n)]
         batch.group_ids = torch.arange(len(picked), device=ctx.device).repeat_interleave(n)
+        if self.cfg.old_logprobs == "auto" and on_policy(ctx.cfg.trainer, len(batch)):
+            batch.extras["on_policy"] = True  # loss=ppo: old log-probs = the training forward's
+            return batch
         with torch.no_grad():
             out = ctx.forward(batch, model=ctx.policy, hidden=True)
         batch.old_logprobs = out.logprobs * batch.response_mask
         batch.rollout_forward = out
         return batch
+
+
+def on_policy(trainer: Any, rows: int) -> bool:
+    """One optimiser update per rollout: one epoch, one mini-batch."""
+    mini = trainer.mini_batch_size
+    return trainer.epochs == 1 and (mini is None or mini >= rows)
+
+
+def old_policy_forward(ctx: Any, batch: Batch) -> Any:
+    """The no-grad forward of the policy that generated ``batch`` (log-probs + hidden states),
+    once per rollout: for plugins that need old log-probs before training on an on-policy
+    batch. Sets ``batch.old_logprobs``."""
+    out = batch.rollout_forward
+    if out is None:
+        with torch.no_grad():
+            out = ctx.forward(batch, model=ctx.policy, hidden=True)
+        batch.rollout_forward = out
+    batch.old_logprobs = out.logprobs * batch.response_mask
+    return out

@@ -22,7 +22,8 @@ def _setup():
 def _reference(model, b):
     out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=models.position_ids(b.attention_mask))
     lp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
-    lp = lp * b.attention_mask[:, 1:]
+    # a row's first real token has no prediction (what precedes it is padding): 0, like column 0
+    lp = lp * b.attention_mask[:, 1:] * b.attention_mask[:, :-1]
     return torch.cat([lp.new_zeros(2, 1), lp], 1)
 
 
@@ -35,7 +36,8 @@ def test_forward_matches_log_softmax(path, monkeypatch):
     ref = _reference(model, b)
     assert out.logprobs.shape == b.input_ids.shape
     torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=1e-5)
-    assert out.entropy.shape == b.input_ids.shape and (out.entropy[:, 1:][b.attention_mask[:, 1:] > 0] > 0).all()
+    scored = (b.attention_mask[:, 1:] * b.attention_mask[:, :-1]) > 0
+    assert out.entropy.shape == b.input_ids.shape and (out.entropy[:, 1:][scored] > 0).all()
     out.logprobs.sum().backward()
     assert model.model.embed_tokens.weight.grad is not None
 

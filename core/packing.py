@@ -1,0 +1,148 @@
+"""Less model work in a forward pass: score only what is scored, run a shared prompt once.
+
+:func:`rlfuse.models.forward` computes token log-probs of a batch of ``prompt + answer`` rows.
+Three things in such a batch cost compute and change nothing in the result:
+
+* **unscored positions.** Only the tokens under ``response_mask`` are trained on. The lm_head
+  (hidden x vocab, a fifth of a 135M model's forward at a 49k vocabulary) and the log-softmax
+  run only on the rows of the hidden states that predict a scored token
+  (:func:`scored_positions`); log-probs elsewhere are 0.
+* **padding columns.** Columns where every row is padding are dropped before the model runs
+  (:func:`trim_columns`): a micro-batch cut from a longer batch is as long as its longest row.
+* **a prompt shared by several rows.** DPO's chosen and rejected answers share their prompt;
+  a GRPO group holds ``n`` answers to one prompt. :func:`plan_shared_prefixes` lays out each
+  set of rows with the same prompt as ONE sequence ``prompt, answer_1, ..., answer_k`` with
+  per-answer position ids (each answer continues at the prompt's end) and a 4D attention mask
+  in which an answer sees the prompt and itself only. Every token then sees exactly the
+  tokens, at the same positions, that it sees in its own row: the same math, with the prompt's
+  layers computed once instead of ``k`` times (Wang et al. 2024 call it prefix sharing).
+
+All three are equal to the plain forward up to float rounding (tests/core/test_packing.py
+checks log-probs, entropy, hidden states and gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+# Share prefixes only when the packed layout computes at most this fraction of the padded
+# layout's token positions (the 4D mask and the scatter back are not free).
+MIN_SAVING = 0.15
+
+
+def scored_positions(response_mask: Tensor, attention_mask: Tensor) -> Tensor:  # (B, T) bool
+    """Tokens whose log-prob is needed: response tokens that follow a real token."""
+    prev_real = torch.zeros_like(attention_mask, dtype=torch.bool)
+    prev_real[:, 1:] = attention_mask[:, :-1] > 0
+    return (response_mask > 0) & prev_real
+
+
+def trim_columns(attention_mask: Tensor) -> slice:
+    """The columns between the first and the last that hold a real token in any row."""
+    real = (attention_mask > 0).any(0).nonzero()
+    if real.numel() == 0:
+        return slice(0, attention_mask.shape[1])
+    return slice(int(real[0]), int(real[-1]) + 1)
+
+
+@dataclass
+class SharedLayout:
+    """Rows with the same prompt packed as one sequence (see the module docstring).
+
+    G = packed sequences, L = their padded length, B x T = the original batch.
+    """
+
+    input_ids: Tensor  # (G, L)
+    position_ids: Tensor  # (G, L)
+    allowed: Tensor  # (G, 1, L, L) bool: query i may attend key j
+    where: Tensor  # (B, T) long: index into the flattened (G * L) layout of each real token, -1 on padding
+    packed_positions: int  # G * L
+    original_positions: int  # B * T
+
+    def attention_mask(self, implementation: str, dtype: torch.dtype) -> Tensor:
+        """The 4D mask as the attention implementation wants it (bool for SDPA, additive for eager)."""
+        if implementation == "eager":
+            mask = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            return mask.masked_fill(~self.allowed, torch.finfo(dtype).min)
+        return self.allowed
+
+
+def plan_shared_prefixes(
+    input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, position_ids: Tensor,
+    min_saving: float = MIN_SAVING,
+) -> SharedLayout | None:
+    """Group rows whose tokens before their first response token are equal; ``None`` when no
+    prompt is shared or packing saves less than ``min_saving`` of the positions.
+
+    A row's *prefix* is its real tokens before the first response token, its *answer* the real
+    tokens from there on. Real tokens must be contiguous in each row (left or right padding).
+    """
+    B, T = input_ids.shape
+    attn = (attention_mask > 0).cpu()
+    resp = (response_mask > 0).cpu()
+    ids_cpu = input_ids.cpu()
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    prefixes: dict[tuple[int, ...], list[int]] = {}
+    for b in range(B):
+        real = attn[b].nonzero().squeeze(-1).tolist()
+        if not real:
+            return None
+        if real[-1] - real[0] + 1 != len(real):
+            return None  # holes in a row: not a layout this packs
+        first = resp[b].nonzero()
+        start = int(first[0]) if first.numel() else real[-1] + 1
+        prefix = [t for t in real if t < start]
+        answer = [t for t in real if t >= start]
+        key = tuple(ids_cpu[b, prefix].tolist())
+        groups.setdefault(key, []).append((b, answer))
+        prefixes.setdefault(key, prefix and [b, *prefix])  # the row and columns of one copy
+    shared = [k for k, rows in groups.items() if len(rows) > 1 and len(k) > 0]
+    if not shared:
+        return None
+    lengths = [len(k) + sum(len(a) for _, a in rows) for k, rows in groups.items()]
+    G, L = len(groups), max(lengths)
+    if G * L > (1 - min_saving) * B * T:
+        return None
+
+    dev = input_ids.device
+    ids = torch.zeros((G, L), dtype=input_ids.dtype)
+    pos = torch.zeros((G, L), dtype=position_ids.dtype)
+    seg = torch.full((G, L), -1, dtype=torch.long)  # 0 = prefix, i = answer i, -1 = padding
+    where = torch.full((B, T), -1, dtype=torch.long)
+    pos_cpu = position_ids.cpu()
+    for g, (key, rows) in enumerate(groups.items()):
+        n = len(key)
+        if n:
+            b0, cols = prefixes[key][0], prefixes[key][1:]
+            ids[g, :n] = ids_cpu[b0, cols]
+            pos[g, :n] = pos_cpu[b0, cols]
+            seg[g, :n] = 0
+            for b, _ in rows:  # every row's prompt tokens map to the one shared copy
+                real = attn[b].nonzero().squeeze(-1)
+                pcols = real[: n]
+                where[b, pcols] = g * L + torch.arange(n)
+        at = n
+        for i, (b, answer) in enumerate(rows, 1):
+            k = len(answer)
+            if k:
+                ids[g, at : at + k] = ids_cpu[b, answer]
+                pos[g, at : at + k] = pos_cpu[b, answer]
+                seg[g, at : at + k] = i
+                where[b, answer] = g * L + at + torch.arange(k)
+            at += k
+    q = torch.arange(L)
+    causal = q[None, :] <= q[:, None]  # (L, L): key j <= query i
+    sq, sk = seg[:, :, None], seg[:, None, :]  # (G, L, 1), (G, 1, L)
+    allowed = causal & (((sk == 0) & (sq >= 0)) | (sk == sq))  # padding queries see themselves
+    return SharedLayout(
+        input_ids=ids.to(dev),
+        position_ids=pos.to(dev),
+        allowed=allowed[:, None].to(dev),
+        where=where.to(dev),
+        packed_positions=G * L,
+        original_positions=B * T,
+    )

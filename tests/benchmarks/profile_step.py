@@ -1,0 +1,99 @@
+"""Where a real-model rlfuse step's time goes (cProfile of one step after warm-up).
+
+    python tests/benchmarks/profile_step.py [--algo grpo] [--model DIR] [--warmup 1] [--steps 1]
+
+The workload is bench_vs_trl.py's real-model one (``REAL``). Prints the cumulative CPU-side
+time of the parts of a step (generation, the training forward, backward, reference,
+optimiser...) as shares of the profiled steps. cProfile inflates Python-heavy parts a little;
+the model work (torch ops) is timed as it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# (label, file suffix, function name): cumulative time of the first match
+PARTS = [
+    ("generation: HF generate", "generation/utils.py", "generate"),
+    ("  of which: shared-prompt prefill", "_sampling.py", "shared_prompt_cache"),
+    ("rollout old-log-prob / value forward (no grad)", "generate.py", "old_policy_forward"),
+    ("reference forward (no grad)", "trainer.py", "ref_logprobs"),
+    ("DPO reference (per pair, cached)", "dpo.py", "_ref"),
+    ("training forward (models.forward)", "models.py", "_forward_scored"),
+    ("  of which: lm_head + log-softmax (kernel)", "logprobs.py", "linear_token_logprobs"),
+    ("  of which: prefix layout (packing)", "packing.py", "plan_shared_prefixes"),
+    ("backward", "_tensor.py", "backward"),
+    ("optimiser step", "adam.py", "step"),
+    ("optimiser step", "adamw.py", "step"),
+    ("grad clipping", "clip_grad.py", "clip_grad_norm_"),
+    ("loss plugins (all, incl. their forward)", "trainer.py", "_collect_losses"),
+    ("rewards", "trainer.py", "_apply_rewards"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algo", default="grpo")
+    ap.add_argument("--model", default="/work/models/smollm2-135m")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
+    import bench_vs_trl as bvt
+    import torch
+
+    import rlfuse.trainer as trainer
+    from support import compose
+
+    torch.set_num_threads(a.threads)
+    prof = cProfile.Profile()
+    step_fn = trainer._train_step
+    seen = {"n": 0, "wall": 0.0}
+
+    def profiled(ctx, opt, params, step):
+        seen["n"] += 1
+        if seen["n"] <= a.warmup:
+            return step_fn(ctx, opt, params, step)
+        t0 = time.perf_counter()
+        prof.enable()
+        try:
+            return step_fn(ctx, opt, params, step)
+        finally:
+            prof.disable()
+            seen["wall"] += time.perf_counter() - t0
+
+    trainer._train_step = profiled
+    with tempfile.TemporaryDirectory() as tmp:
+        bvt.write_real_data(Path(tmp), a.model, n_rows=64)
+        over = bvt.real_overrides(a.algo, tmp) + [
+            "algo.warmup=null", "eval=[]", "logger=[jsonl]", f"model.name_or_path={a.model}",
+            f"trainer.max_steps={a.warmup + a.steps}", "trainer.progress=false", "trainer.eval_every=0",
+            f"trainer.threads={a.threads}", "model.dtype=float32",
+        ]
+        trainer.train(compose(over), Path(tmp) / "run")
+    st = pstats.Stats(prof)
+    total = seen["wall"] / a.steps
+    print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {a.algo}, {a.model}, "
+          f"{a.steps} profiled step(s) after {a.warmup}: {total:.2f} s/step (profiled, wall)")
+    print(f"| part of a {a.algo} step | s/step | share |")
+    print("|---|---|---|")
+    for label, suffix, name in PARTS:
+        hits = [(k, v) for k, v in st.stats.items() if k[0].endswith(suffix) and k[2] == name]
+        if not hits:
+            continue
+        cum = max(v[3] for _, v in hits) / a.steps
+        print(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
