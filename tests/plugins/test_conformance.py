@@ -41,7 +41,8 @@ def compose_cfg(overrides: list[str]):
 
 def make_ctx(overrides: list[str], dtype: str = "float32") -> trainer.Context:
     """A Context with the plugins of a composed config, the tiny model and set-up plugins."""
-    cfg = compose_cfg(["eval=[]", "logger=[]", f"model.dtype={dtype}", *overrides])
+    precision = "bf16-true" if dtype == "bfloat16" else "fp32"  # bf16 weights need a bf16-true optimiser
+    cfg = compose_cfg(["eval=[]", "logger=[]", f"model.dtype={dtype}", f"trainer.precision={precision}", *overrides])
     pm = PluginManager()
     ctx = trainer.Context(cfg, Path(tempfile.mkdtemp()), pm)
     ctx.reward_weights = load_plugins(cfg, pm)["weight"]
@@ -60,14 +61,22 @@ def rollout(ctx: trainer.Context) -> Batch:
     return batch
 
 
-# ------------------------------------------------------------------ ratio exactly 1
+# ------------------------------------------------------------------ ratio 1 on the first epoch
 
 
+@pytest.mark.parametrize("share_prefix", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_first_epoch_ratio_is_exactly_one(dtype):
+def test_first_epoch_ratio_is_one(dtype, share_prefix):
+    """The loss's forward of a mini/micro-batch reproduces the rollout's log-probs. Not to the
+    bit any more: each forward drops its own all-padding columns and (share_prefix) packs its
+    own shared prompts, so its matmuls have other shapes than the whole batch's and round
+    differently; equal to round-off, checked with a tight tolerance (an on-policy update takes
+    its old log-probs from the training forward itself: ratio exactly 1, test_ppo_on_policy)."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    ctx = make_ctx(["algo=grpo", "rollout.batch_size=5", "rollout.n=3", "loss.ppo.kl_coef=0"], dtype)
+    over = ["algo=grpo", "rollout.batch_size=5", "rollout.n=3", "loss.ppo.kl_coef=0", "trainer.mini_batch_size=6",
+            f"model.share_prefix={str(share_prefix).lower()}"]
+    ctx = make_ctx(over, dtype)
     batch = rollout(ctx)
     assert batch.group_ids.tolist() == [g for g in range(5) for _ in range(3)]
     order = torch.randperm(len(batch))
@@ -81,10 +90,10 @@ def test_first_epoch_ratio_is_exactly_one(dtype):
             lp = ctx.forward(part).logprobs.detach()
             # bit-identical log-probs: the rollout's no-grad forward of the whole batch and
             # the loss's forward of a micro-batch see the same rows, positions and padding
-            assert torch.equal(lp[m], part.old_logprobs[m])
-            assert float(stats["policy/ratio_mean"]) == 1.0
+            tol = 1e-5 if dtype == "float32" else 2e-2
+            torch.testing.assert_close(lp[m], part.old_logprobs[m], atol=tol, rtol=0)
+            assert float(stats["policy/ratio_mean"]) == pytest.approx(1.0, abs=tol)
             assert float(stats["policy/clipfrac"]) == 0.0
-            assert float(stats["policy/approx_kl"]) == 0.0
 
 
 # ------------------------------------------------------------------ micro-batch invariance
