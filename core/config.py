@@ -87,6 +87,9 @@ class AlgoConfig:
     # A warm-up stage ({algo: sft, overrides: [...]}) run first when the policy is the tiny
     # model built from scratch (model.name_or_path is null); ignored for a given model.
     warmup: dict[str, Any] | None = None
+    # Rounds of a pipeline: the stages marked `repeat: true` run this many times in order
+    # (iterated / online RLHF: label the current policy -> refresh the RM -> PPO).
+    rounds: int = 1
 
 
 @dataclass
@@ -112,9 +115,10 @@ class RlfuseConfig:
     logger: dict[str, Any] = field(default_factory=dict)  # {name: {plugin, ...}}
     eval: dict[str, Any] = field(default_factory=dict)  # {name: {plugin, ...}}
     plugins: dict[str, Any] = field(default_factory=dict)  # extra plugins: {name: {plugin, ...}}
+    labeller: dict[str, Any] = field(default_factory=dict)  # who compares two answers (compare hook)
 
 
-SINGLE_GROUPS = ("rollout", "advantage", "sync")  # one section with a `plugin` key
+SINGLE_GROUPS = ("rollout", "advantage", "sync", "labeller")  # one section with a `plugin` key
 MULTI_GROUPS = ("reward", "loss", "logger", "eval", "plugins")  # {name: section}
 
 

@@ -58,6 +58,7 @@ class Context:
         self._reference: nn.Module | None = None
         self.metrics: dict[str, float] = {}  # extra metrics for the current step
         self.reward_weights: dict[str, float] = {}
+        self.stop_reason: str | None = None  # set by request_stop
 
     # -- models ----------------------------------------------------------------------
     @property
@@ -125,6 +126,14 @@ class Context:
                 root.ref_logprobs = out.logprobs * root.response_mask
             batch.ref_logprobs = root.ref_logprobs if rows is None else root.ref_logprobs[rows.to(root.ref_logprobs.device)]
         return batch.ref_logprobs
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the trainer to end the run after the current step (early stopping): the final
+        evaluation, policy and summary are written as usual; ``summary["stopped"]`` holds
+        ``reason`` and ``summary["steps"]`` the steps done. The first request wins."""
+        if self.stop_reason is None:
+            self.stop_reason = str(reason)
+            print(f"[rlfuse] stopping after step {self.step + 1}: {reason}")
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Add metrics to the current step's log line."""
@@ -323,13 +332,20 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             _evaluate(ctx, step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and not last:
             save_checkpoint(ctx, opt, step + 1, {"summary": summary})
+        if ctx.stop_reason is not None:
+            done_steps = step + 1
+            break
+    else:
+        done_steps = cfg.trainer.max_steps
 
-    ctx.step = cfg.trainer.max_steps
-    eval_metrics = _evaluate(ctx, cfg.trainer.max_steps)
+    ctx.step = done_steps
+    eval_metrics = _evaluate(ctx, done_steps)
     summary.update({f"{k}_after": v for k, v in eval_metrics.items()})
+    if ctx.stop_reason is not None:
+        summary["stopped"] = ctx.stop_reason
     summary.update(
         {
-            "steps": cfg.trainer.max_steps,
+            "steps": done_steps,
             "train_time_s": time.perf_counter() - t0,
             "tokens": total_tokens,
             "algo": cfg.algo.name,
@@ -338,7 +354,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     )
     save_policy(ctx, run_dir / "final")
     if cfg.trainer.save_every:
-        save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary})
+        save_checkpoint(ctx, opt, done_steps, {"summary": summary})
     ctx.hook.teardown(ctx=ctx, summary=summary)
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
