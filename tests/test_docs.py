@@ -12,7 +12,7 @@ from rlfuse import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = "\n".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
-HOOKS = ["setup", "evaluate", "log", "save_state", "load_state", "teardown", "rollout", "reward", "advantage", "loss", "sync"]
+HOOKS = ["setup", "evaluate", "log", "save_state", "load_state", "teardown", "rollout", "reward", "advantage", "loss", "sync", "compare"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)
