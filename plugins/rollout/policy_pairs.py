@@ -39,7 +39,7 @@ import torch
 from rlfuse import hookimpl
 from rlfuse.data import Batch
 from rlfuse.plugins._data.pairs import PairItem, load_pairs, pair_batch
-from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
+from rlfuse.plugins._data.records import DataError, encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
 from rlfuse.plugins._sampling import SamplingConfig, sample
 
@@ -170,7 +170,13 @@ class Plugin(StreamPlugin):
         out = ctx.run_dir / self.cfg.output
         out.parent.mkdir(parents=True, exist_ok=True)
         self.label(ctx, out)
-        self.items = load_pairs(ctx, str(out))
+        try:
+            self.items = load_pairs(ctx, str(out))
+        except DataError:
+            if not self.cfg.data_pairs:  # every answer tied: nothing to learn from
+                raise
+            print(f"[rlfuse] rollout=policy_pairs: {out} holds no preference (all ties); training on shipped pairs only")
+            self.items = []
         rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines() if x.strip()]
         labels = [r.get("label") for r in rows if r.get("round", self.cfg.round) == self.cfg.round]
         self.stats.update({"data/pairs": len(self.items), "data/ties": sum(lab == "tie" for lab in labels),

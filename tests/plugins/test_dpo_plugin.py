@@ -148,3 +148,22 @@ def test_dpo_raises_implicit_reward_accuracy(tmp_path):
     assert s["eval/rewards/accuracies_before"] == pytest.approx(0.5)  # policy == reference
     assert s["eval/rewards/accuracies_after"] >= 0.6, s
     assert s["last"]["rewards/margins"] > 0
+
+
+@pytest.mark.slow
+def test_online_dpo_two_rounds_on_the_policys_own_pairs(tmp_path):
+    """algo=online_dpo: SFT, then DPO on labelled pairs of the current policy's samples, twice;
+    round 2 starts from round 1's policy, on fresh prompts, reference = SFT."""
+    import json
+
+    from support import run_job
+
+    s = run_job(["algo=online_dpo", "trainer.max_steps=2", "rollout.batch_size=4", "rollout.prompts=8", "rollout.k=3", "rollout.data_pairs=16",
+                 "trainer.progress=false", "eval.task.num_prompts=8"], tmp_path)
+    assert list(s["stages"]) == ["sft", "dpo", "dpo_r2"]
+    cfg2 = (tmp_path / "dpo_r2" / "config.yaml").read_text()
+    assert f"name_or_path: {tmp_path}/dpo/final" in cfg2 and f"ref_name_or_path: {tmp_path}/sft/final" in cfg2
+    p1 = {json.loads(x)["prompt_index"] for x in (tmp_path / "dpo" / "pairs.jsonl").read_text().splitlines()}
+    p2 = {json.loads(x)["prompt_index"] for x in (tmp_path / "dpo_r2" / "pairs.jsonl").read_text().splitlines()}
+    assert p1 and p2 and not p1 & p2
+    assert s["eval/reward_after"] == s["stages"]["dpo_r2"]["eval/reward_after"]
