@@ -51,12 +51,16 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def read_seed(run: Path) -> int | None:
-    cfg = run / "config.yaml"
-    if not cfg.exists():
-        return None
+    """The run's seed from its config.yaml (a warm-up pipeline saves only its stages' shape
+    there: then from the first stage's config.yaml)."""
     import yaml
 
-    return (yaml.safe_load(cfg.read_text()) or {}).get("seed")
+    for cfg in [run / "config.yaml", *sorted(run.glob("*/config.yaml"))]:
+        if cfg.exists():
+            seed = (yaml.safe_load(cfg.read_text()) or {}).get("seed")
+            if seed is not None:
+                return seed
+    return None
 
 
 def figures(summary: dict[str, Any]) -> dict[str, tuple[float, float]]:

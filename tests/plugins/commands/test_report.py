@@ -38,6 +38,10 @@ def test_report_numbers_equal_the_summaries(tmp_path, capsys):
     score = rep["figures"]["eval/score/model"]
     assert [r["after"] for r in score["runs"]] == [v[3] for v in rows.values()]
     # a plain run dir works too, and before/after pairs of any eval/ figure are found
+    # a warm-up pipeline's own config.yaml has no seed: it is read from a stage's
+    (single / "config.yaml").write_text(yaml.safe_dump({"algo": {"name": "ppo", "stages": {}}}))
+    (single / "ppo").mkdir()
+    (single / "ppo" / "config.yaml").write_text(yaml.safe_dump({"seed": 7}))
     rep2 = collect([str(single)])
     assert rep2["figures"]["eval/reward"]["runs"][0]["after"] == 0.6
     assert rep2["figures"]["eval/exact"]["runs"][0]["seed"] == 7
