@@ -120,6 +120,9 @@ class AlgoConfig:
     # Per-rank overrides under torchrun (heterogeneous agents): agents[r] is a nested mapping
     # merged into rank r's config, e.g. [{}, {reward: {rule: {weight: 0.5}}}].
     agents: list[Any] = field(default_factory=list)
+    # Rounds of a pipeline: the stages marked `repeat: true` run this many times in order
+    # (iterated / online RLHF: label the current policy -> refresh the RM -> PPO).
+    rounds: int = 1
 
 
 @dataclass
@@ -156,9 +159,10 @@ class RlfuseConfig:
     logger: dict[str, Any] = field(default_factory=dict)  # {name: {plugin, ...}}
     eval: dict[str, Any] = field(default_factory=dict)  # {name: {plugin, ...}}
     plugins: dict[str, Any] = field(default_factory=dict)  # extra plugins: {name: {plugin, ...}}
+    labeller: dict[str, Any] = field(default_factory=dict)  # who compares two answers (compare hook)
 
 
-SINGLE_GROUPS = ("rollout", "advantage", "sync")  # one section with a `plugin` key
+SINGLE_GROUPS = ("rollout", "advantage", "sync", "labeller")  # one section with a `plugin` key
 MULTI_GROUPS = ("reward", "loss", "logger", "eval", "plugins")  # {name: section}
 
 # Keys of a component section that the core consumes itself and never passes to the plugin:

@@ -13,7 +13,8 @@ Implement a hook by decorating a function (or a method of a plugin class) with
 :data:`rlfuse.hookimpl` and giving it the hook's exact name. A decorated function whose name
 matches no hook below is an error at start-up, not a silent no-op.
 
-Who calls what: :mod:`rlfuse.trainer` is the only caller of these hooks.
+Who calls what: :mod:`rlfuse.trainer` is the only caller of these hooks, except
+:func:`compare`, which plugins that need preferences call (``ctx.hook.compare(...)``).
 """
 
 from __future__ import annotations
@@ -212,4 +213,26 @@ def consolidate(ctx: Context) -> bool | None:
     :returns: True when it changed the policy: the core then evaluates the new policy again
         (logged as ``eval/consolidated/<name>``) and writes it to ``final/``. Every
         implementation is called.
+    """
+
+
+# ---------------------------------------------------------------- human feedback
+
+
+@hookspec(firstresult=True)
+def compare(ctx: Context, prompts: list[str], first: list[str], second: list[str], rows: list[dict[str, Any]]) -> list[str] | None:
+    """Say which of two answers to each prompt is better: the labeller's hook.
+
+    Implemented by ``labeller`` plugins (``labeller=simulated`` ranks by the task's true
+    reward, ``labeller=human`` asks a person); called by plugins that need preferences, such
+    as ``rollout=policy_pairs``, with a chunk of pairs at a time.
+
+    :param ctx: the run's context.
+    :param prompts: the prompt of each pair (text as the policy saw it).
+    :param first: answer A of each pair.
+    :param second: answer B of each pair (same length as ``first``).
+    :param rows: the dataset row of each pair's prompt (columns such as a reference answer).
+    :returns: one label per pair: ``"A"`` (first is better), ``"B"``, ``"tie"`` or ``"skip"``
+        (no preference). A shorter list means the labeller stopped (a person quit): the
+        caller keeps the answers given and asks no more. Stops at the first non-None result.
     """

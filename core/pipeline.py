@@ -22,6 +22,16 @@ interrupted stage resumes from its newest checkpoint (``trainer.resume=auto``), 
 stages start fresh. Every stage's config is composed and validated (ranges, plugin options)
 before the first one trains.
 
+Rounds: stages marked ``repeat: true`` form a block that runs ``algo.rounds`` times (e.g.
+label the current policy -> refresh the reward model -> PPO, the iterated "online" RLHF of
+Bai et al. 2022). Round 1 of stage ``s`` runs in ``<run_dir>/<s>``, round ``r`` > 1 in
+``<run_dir>/<s>_r<r>``. Within a stage, ``{round}`` is the round number (1 for a stage
+that is not repeated) and ``{stage_dir:NAME}`` the run dir of the latest run of stage
+``NAME`` before this one (``{stage_dir:ppo,sft}``: of ppo, or of sft when ppo has not run); ``init_from`` may list several stages, the first that has already
+run wins (``init_from: [ppo, sft]``: the previous round's policy, or SFT in round 1). In
+``summary``, ``NAME/key`` reads the first run of a repeated stage and ``NAME@last/key`` its
+last run.
+
 A single-stage preset with ``algo.warmup`` (the RL presets: a randomly initialised tiny
 model cannot be trained by RL alone) becomes the pipeline ``warmup -> preset`` when the
 policy is built from scratch (``model.name_or_path`` null).
@@ -43,7 +53,7 @@ from rlfuse.errors import ConfigError
 from rlfuse.manager import check_sections
 from rlfuse.trainer import train, write_json_atomic
 
-STAGE_KEYS = {"algo", "overrides", "init_from", "algo_overrides"}
+STAGE_KEYS = {"algo", "overrides", "init_from", "algo_overrides", "repeat"}
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -85,7 +95,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         o
         for o in overrides
         if _key(o) not in ("algo", "run_dir")
-        and not _key(o).startswith(("hydra.", "algo.stages", "algo.summary", "algo.warmup"))
+        and not _key(o).startswith(("hydra.", "algo.stages", "algo.summary", "algo.warmup", "algo.rounds"))
     ]
     summary: dict[str, Any] = {"algo": cfg.algo.name, "stages": {}}
     metrics_lines: list[str] = []
@@ -99,11 +109,14 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
             raise ValueError(f"algo.stages.{name}: unknown keys {sorted(unknown)}; allowed: {sorted(STAGE_KEYS)}")
         if not stage.get("algo"):
             raise ValueError(f"algo.stages.{name}: missing 'algo' (the preset this stage runs)")
+    runs = expand_rounds(cfg)
+    for i, (name, base_name, rnd, stage) in enumerate(runs):
         stage_dir = run_dir / name
         base = [f"algo={stage.algo}"]
-        base += [o.replace("{run_dir}", str(run_dir)) for o in stage.get("overrides") or []]
+        base += [_fill(o, run_dir, rnd, runs[:i], f"algo.stages.{base_name}") for o in stage.get("overrides") or []]
         if stage.get("init_from"):
-            base.append(f"model.name_or_path={run_dir / stage.init_from / 'final'}")
+            src = _latest(stage.init_from, runs[:i], f"algo.stages.{base_name}.init_from")
+            base.append(f"model.name_or_path={run_dir / src / 'final'}")
         base.append(f"run_dir={stage_dir}")
         mine = user if stage.get("algo_overrides", True) else [o for o in user if not _key(o).startswith("algo.")]
         # a user override reaches every stage whose config has that key (eval.task.* does not
@@ -150,11 +163,13 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
     for key, src in (cfg.algo.get("summary") or {}).items():
         if key.endswith("*"):  # "eval/*": "dpo/eval/*" copies every matching key
             stage, _, prefix = src.partition("/")
+            stage = _run_name(stage, runs)
             for k, v in (summary["stages"].get(stage) or {}).items():
                 if k.startswith(prefix.rstrip("*")):
                     summary[key.rstrip("*") + k[len(prefix.rstrip("*")):]] = v
         else:
-            summary[key] = _lookup(summary["stages"], src)
+            stage, _, rest = src.partition("/")
+            summary[key] = _lookup(summary["stages"], f"{_run_name(stage, runs)}/{rest}")
     if last is not None:
         link = run_dir / "final"
         if link.is_symlink() or link.exists():
@@ -163,6 +178,63 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         summary["final_policy"] = str(run_dir / last / "final")
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+Run = tuple  # (run name, stage name, round, stage config)
+
+
+def expand_rounds(cfg: DictConfig) -> list[Run]:
+    """The stages in the order they run: each block of consecutive ``repeat: true`` stages
+    is repeated ``algo.rounds`` times; round ``r`` > 1 of stage ``s`` is named ``s_r<r>``."""
+    rounds = 1 if cfg.algo.get("rounds") is None else int(cfg.algo.rounds)
+    if rounds < 1:
+        raise ValueError(f"algo.rounds must be >= 1, got {rounds}")
+    items = list(cfg.algo.stages.items())
+    out: list[Run] = []
+    i = 0
+    while i < len(items):
+        if not items[i][1].get("repeat"):
+            out.append((items[i][0], items[i][0], 1, items[i][1]))
+            i += 1
+            continue
+        j = i
+        while j < len(items) and items[j][1].get("repeat"):
+            j += 1
+        for r in range(1, rounds + 1):
+            for name, stage in items[i:j]:
+                out.append((name if r == 1 else f"{name}_r{r}", name, r, stage))
+        i = j
+    return out
+
+
+def _latest(names: Any, before: list[Run], where: str) -> str:
+    """The run name of the latest earlier run of the first stage in ``names`` that has one."""
+    wanted = [names] if isinstance(names, str) else list(names)
+    for want in wanted:
+        for run_name, base, _, _ in reversed(before):
+            if base == want:
+                return run_name
+    raise ValueError(f"{where}: none of {wanted} runs before this stage")
+
+
+def _fill(override: str, run_dir: Path, rnd: int, before: list[Run], where: str) -> str:
+    """Replace ``{run_dir}``, ``{round}`` and ``{stage_dir:NAME}`` in a stage override."""
+    out = override.replace("{run_dir}", str(run_dir)).replace("{round}", str(rnd))
+    while "{stage_dir:" in out:
+        start = out.index("{stage_dir:")
+        end = out.index("}", start)
+        names = out[start + len("{stage_dir:") : end].split(",")  # {stage_dir:ppo,sft}: first that ran
+        out = out[:start] + str(run_dir / _latest(names, before, where)) + out[end + 1 :]
+    return out
+
+
+def _run_name(ref: str, runs: list[Run]) -> str:
+    """``NAME`` -> the first run of stage NAME; ``NAME@last`` -> its last run."""
+    name, _, which = ref.partition("@")
+    matches = [r[0] for r in runs if r[1] == name]
+    if not matches:
+        return name
+    return matches[-1] if which == "last" else matches[0]
 
 
 def _compose(overrides: list[str]) -> DictConfig:

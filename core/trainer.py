@@ -80,6 +80,7 @@ class Context:
         self.run_info = runinfo.current()  # sweep group and overrides of this job (rlfuse.runinfo)
         self.batch: Batch | None = None  # this step's rollout batch, rewarded, with advantages
         self.dist = distributed.current()  # rank, world size, deadline-guarded collectives
+        self.stop_reason: str | None = None  # set by request_stop
 
     # -- models ----------------------------------------------------------------------
     @property
@@ -225,6 +226,14 @@ class Context:
         plugin scores ahead of training (DPO's reference precompute) or after it (the reward
         model's score statistics)."""
         return self._train_records
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the trainer to end the run after the current step (early stopping): the final
+        evaluation, policy and summary are written as usual; ``summary["stopped"]`` holds
+        ``reason`` and ``summary["steps"]`` the steps done. The first request wins."""
+        if self.stop_reason is None:
+            self.stop_reason = str(reason)
+            print(f"[rlfuse] stopping after step {self.step + 1}: {reason}")
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Add metrics to the current step's log line."""
@@ -388,20 +397,27 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
             stop.exit(_save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters}), step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and not last:
             _save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters})
+        if ctx.stop_reason is not None:
+            done_steps = step + 1
+            break
+    else:
+        done_steps = cfg.trainer.max_steps
 
-    ctx.step = cfg.trainer.max_steps
-    if not (state.get("final") and start >= cfg.trainer.max_steps):  # else: evaluated before the final checkpoint
-        eval_metrics = _evaluate(ctx, cfg.trainer.max_steps)
+    ctx.step = done_steps
+    if not (state.get("final") and start >= done_steps):  # else: evaluated before the final checkpoint
+        eval_metrics = _evaluate(ctx, done_steps)
         summary.update({f"{k}_after": v for k, v in eval_metrics.items()})
+    if ctx.stop_reason is not None:
+        summary["stopped"] = ctx.stop_reason
     if any(ctx.hook.consolidate(ctx=ctx)):  # e.g. the decentralized consensus average
-        merged = _evaluate(ctx, cfg.trainer.max_steps, prefix="eval/consolidated/")
+        merged = _evaluate(ctx, done_steps, prefix="eval/consolidated/")
         summary.update({f"{k}_after": v for k, v in merged.items()})
         summary["consolidated"] = True
     if skip_mode:
         summary["skipped_steps"] = counters["skipped_steps"]
     summary.update(
         {
-            "steps": cfg.trainer.max_steps,
+            "steps": done_steps,
             "train_time_s": time.perf_counter() - t0,
             "tokens": total_tokens,
             "algo": cfg.algo.name,
@@ -413,7 +429,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
         if cfg.model.lora.r and cfg.model.lora.merge_final:
             models.save_merged(ctx.policy, ctx.tokenizer, run_dir / "final" / "merged", cfg.trainer.save_dtype)
     if cfg.trainer.save_every:
-        _save_checkpoint(ctx, opt, cfg.trainer.max_steps, {"summary": summary, "counters": counters, "final": True})
+        _save_checkpoint(ctx, opt, done_steps, {"summary": summary, "counters": counters, "final": True})
     ctx.hook.teardown(ctx=ctx, summary=summary)
     if ctx.dist.is_main:
         write_json_atomic(run_dir / "summary.json", summary)

@@ -17,13 +17,22 @@ then optionally normalised and clipped::
     normalize=running  (s - mean_seen) / std_seen   (running over every scored response)
     clip=c             s <- clamp(s, -c, c)          after normalisation
 
-Returns a sequence-level reward (B,) named after the component (``reward/model/mean``).
+An ensemble (Coste et al. 2023): ``ensemble`` lists more reward-model folders (trained with
+other seeds or other halves of the data). Every member's score is normalised with its own
+saved statistics (``normalize=saved``), then they are combined, before batch/running
+normalisation and clipping::
+
+    combine=mean   s = mean_m s_m
+    combine=lcb    s = mean_m s_m - ensemble_k * std_m s_m     (uncertainty-penalised)
+
+Returns a sequence-level reward (B,) named after the component (``reward/model/mean``;
+``reward/model/ensemble_std`` with an ensemble).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,7 @@ from rlfuse.plugins._data.records import Record, encode_answer, encode_prompt, p
 from rlfuse.plugins.loss.bradley_terry import STATS_FILE, last_token_index
 
 NORMALIZE = ("none", "saved", "batch", "running")
+COMBINE = ("mean", "lcb")
 
 
 @dataclass
@@ -45,12 +55,16 @@ class Config:
     clip: float | None = None  # clamp the (normalised) score to [-clip, clip]
     batch_size: int = 64  # responses per reward-model forward
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    ensemble: list[str] = field(default_factory=list)  # more reward-model folders (an ensemble)
+    combine: str = "mean"  # mean | lcb (mean - ensemble_k * std over the members)
+    ensemble_k: float = 1.0
 
     def __post_init__(self) -> None:
         one_of("normalize", self.normalize, NORMALIZE)
         require(self.clip is None or self.clip > 0, "clip", "> 0 or null", self.clip)
         require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        one_of("combine", self.combine, COMBINE)
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -86,6 +100,15 @@ def score_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return out.logits.squeeze(-1).float()
 
 
+def _saved_stats(path: str, normalize: str) -> tuple[float, float]:
+    """(mean, std) saved beside a reward model for ``normalize=saved``; (0, 1) otherwise."""
+    stats_file = Path(path).expanduser() / STATS_FILE
+    if normalize == "saved" and stats_file.exists():
+        stats = json.loads(stats_file.read_text())
+        return float(stats.get("mean", 0.0)), float(stats.get("std", 1.0))
+    return 0.0, 1.0
+
+
 class Plugin:
     Config = Config
 
@@ -95,37 +118,48 @@ class Plugin:
         from rlfuse.models import DTYPES
 
         self.model, self.tok = load_reward_model(cfg.path, DTYPES[cfg.dtype])
-        self.mean, self.std = 0.0, 1.0
-        stats_file = Path(cfg.path).expanduser() / STATS_FILE
-        if cfg.normalize == "saved" and stats_file.exists():
-            stats = json.loads(stats_file.read_text())
-            self.mean, self.std = float(stats.get("mean", 0.0)), float(stats.get("std", 1.0))
+        self.mean, self.std = _saved_stats(cfg.path, cfg.normalize)
+        self.members = [(*load_reward_model(p, DTYPES[cfg.dtype]), *_saved_stats(p, cfg.normalize)) for p in cfg.ensemble]
+        if self.members:  # each member is normalised with its own statistics before combining
+            self.members.insert(0, (self.model, self.tok, self.mean, self.std))
+            self.mean, self.std = 0.0, 1.0
         self.count, self.m2 = 0, 0.0  # running statistics (Welford)
 
     @hookimpl
     def setup(self, ctx: Any) -> None:
         self.model.to(ctx.device)
+        for m in self.members:
+            m[0].to(ctx.device)
 
-    def encode(self, ctx: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, ctx: Any, batch: Batch, tok: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         data = ctx.cfg.data
+        tok = tok or self.tok
         prompts, answers = [], []
         rows = batch.rows if len(batch.rows) == len(batch) else [None] * len(batch)
         for i, (row, resp) in enumerate(zip(rows, batch.responses, strict=False)):
             where = f"reward.{self.name} row {i}"
             if row is not None and ("prompt" in row or "messages" in row):
-                text = prompt_text(Record(row, where), self.tok)
+                text = prompt_text(Record(row, where), tok)
             else:
                 text = batch.prompts[i]
-            prompts.append(encode_prompt(self.tok, text, data.max_prompt_length, data.truncation, where))
-            answers.append(encode_answer(self.tok, resp))
-        ids, attn, _ = pack(prompts, answers, self.tok.pad_token_id)
+            prompts.append(encode_prompt(tok, text, data.max_prompt_length, data.truncation, where))
+            answers.append(encode_answer(tok, resp))
+        ids, attn, _ = pack(prompts, answers, tok.pad_token_id)
         return ids, attn
 
-    def raw_scores(self, ctx: Any, batch: Batch) -> torch.Tensor:
-        ids, attn = self.encode(ctx, batch)
-        dev = next(self.model.parameters()).device
+    def raw_scores(self, ctx: Any, batch: Batch, model: Any = None, tok: Any = None) -> torch.Tensor:
+        """(B,) scores of one reward model; with an ensemble and no ``model``: the members'
+        saved-normalised scores combined (``combine``)."""
+        if model is None and self.members:
+            each = torch.stack([(self.raw_scores(ctx, batch, m, t) - mu) / max(sd, 1e-6) for m, t, mu, sd in self.members])
+            std = each.std(0) if len(self.members) > 1 else torch.zeros_like(each[0])
+            ctx.record({f"reward/{self.name}/ensemble_std": std.mean()})
+            return each.mean(0) - (self.cfg.ensemble_k * std if self.cfg.combine == "lcb" else 0.0)
+        model = model or self.model
+        ids, attn = self.encode(ctx, batch, tok)
+        dev = next(model.parameters()).device
         parts = [
-            score_ids(self.model, ids[s : s + self.cfg.batch_size].to(dev), attn[s : s + self.cfg.batch_size].to(dev))
+            score_ids(model, ids[s : s + self.cfg.batch_size].to(dev), attn[s : s + self.cfg.batch_size].to(dev))
             for s in range(0, len(ids), self.cfg.batch_size)
         ]
         return torch.cat(parts)

@@ -1,0 +1,1 @@
+"""``labeller=...``: who compares two answers (the ``compare`` hook)."""
