@@ -397,6 +397,10 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
             stop.exit(_save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters}), step + 1)
         if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0 and not last:
             _save_checkpoint(ctx, opt, step + 1, {"summary": summary, "counters": counters})
+        if ctx.dist.enabled:  # a stop requested on one rank ends every rank after the same step
+            asked = ctx.dist.all_reduce(torch.tensor([float(ctx.stop_reason is not None)]), op="max", what="stop request")
+            if asked[0] > 0 and ctx.stop_reason is None:
+                ctx.stop_reason = "requested by another rank"
         if ctx.stop_reason is not None:
             done_steps = step + 1
             break

@@ -7,7 +7,7 @@ before -> after pairs of its summary:
 * the true task reward: ``eval/reward_sft -> eval/reward_rlhf`` (pipelines such as
   ``algo=rlhf``) or ``eval/reward_before -> eval/reward_after``;
 * every other ``eval/<name>_before -> eval/<name>_after`` pair (the learned score
-  ``eval/score/model``, DPO's implicit-reward accuracy ``eval/rewards/accuracies``, ...).
+  ``eval/score/model``, DPO's implicit-reward accuracy ``eval/pref/accuracy``, ...).
 
 It prints one Markdown table per figure -- per seed: before, after, gain -- and the mean ±
 std (sample std, n-1) over the runs, with the machine and the date, so the figures can be

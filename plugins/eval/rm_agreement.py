@@ -115,7 +115,7 @@ class Plugin:
             self.first = acc
         elif step > 0 and n:
             if self.cfg.stop_below is not None and acc < self.cfg.stop_below:
-                ctx.request_stop(f"eval/rm_agreement {acc:.3f} < stop_below {self.cfg.stop_below}")
+                ctx.request_stop(f"the reward model's agreement with the labeller {acc:.3f} < stop_below {self.cfg.stop_below}")
             elif self.cfg.stop_drop is not None and acc < self.first - self.cfg.stop_drop:
-                ctx.request_stop(f"eval/rm_agreement {acc:.3f} fell more than {self.cfg.stop_drop} below {self.first:.3f}")
+                ctx.request_stop(f"the reward model's agreement with the labeller {acc:.3f} fell more than {self.cfg.stop_drop} below {self.first:.3f}")
         return out

@@ -30,7 +30,7 @@ COMMON = [
 ]
 # The untrained tiny model scores 0 on the task, so a length reward gives the RL runs a signal
 # from step 1: the policy moves away from the reference at once, and a resume that rebuilt the
-# reference from the resumed policy (instead of the initial one) would show in kl/ref_kl.
+# reference from the resumed policy (instead of the initial one) would show in kl/ref.
 ALGOS = {
     "ppo": ["algo=ppo", "algo.warmup=null", "reward=[rule,kl_penalty,length]",
             "reward.length.weight=1.0", "rollout.batch_size=8", "trainer.mini_batch_size=4", "eval.task.num_prompts=8"],
