@@ -16,12 +16,12 @@ def test_agreement_counts_labelled_pairs_and_half_ties():
 
 def test_true_reward_as_scorer_agrees_fully_and_a_drop_requests_a_stop(tmp_path):
     """Scored by the true reward itself (reward=rule), the noiseless labeller agrees on every
-    pair (1.0); stop_below above 1 then stops the run after its first evaluation."""
+    pair (1.0); stop_below above 1 then stops the run at the first evaluation with pairs to compare."""
     over = [o for o in FAST if not o.startswith("eval.")] + ["trainer.max_steps=4", "trainer.eval_every=1", "eval=[rm_agreement]", "eval.rm_agreement.scorer=rule",
                    "eval.rm_agreement.prompts=4", "eval.rm_agreement.stop_below=1.01"]
     s = run_job(over, tmp_path)
     assert s["eval/rm_agreement_before"] == 1.0
-    assert s["steps"] == 1 and "stop_below" in s["stopped"]
+    assert s["steps"] < 4 and "stop_below" in s["stopped"]  # at the first evaluation that compared pairs
     assert (tmp_path / "final" / "config.json").exists()
 
 
