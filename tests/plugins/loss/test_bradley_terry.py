@@ -86,37 +86,3 @@ def test_reward_model_learns_builtin_pairs(tmp_path):
     assert s["eval/pref/accuracy_after"] > s["eval/pref/accuracy_before"] + 0.1
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward_model")
     assert rm.config.num_labels == 1
-
-
-def test_model_reward_ensemble_mean_and_lower_confidence_bound(tmp_path):
-    """reward.model.ensemble: each member normalised with its own saved stats, then mean or
-    mean - k * std over the members (Coste et al. 2023)."""
-    from rlfuse.data import Batch
-    from rlfuse.plugins.reward.model import Config, Plugin
-
-    stats = [(0.5, 2.0), (-1.0, 0.5), (0.0, 1.0)]
-    for i, (mu, sd) in enumerate(stats):
-        model, head, tok = tiny(seed=i)
-        save_reward_model(model, head, tok, tmp_path / f"rm{i}", {"mean": mu, "std": sd})
-    recorded = {}
-    ctx = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(max_prompt_length=16, truncation="left")),
-                          device=torch.device("cpu"), record=recorded.update)
-    pairs = [("cba=", "abc"), ("ba=", "ab"), ("edcba=", "abcde")]
-    ids, attn, resp = encode(tok, pairs)
-    batch = Batch(input_ids=ids, attention_mask=attn, response_mask=resp, prompts=[p for p, _ in pairs],
-                  responses=[a for _, a in pairs], rows=[{"prompt": p} for p, _ in pairs])
-
-    def run(**kw):
-        p = Plugin(Config(path=str(tmp_path / "rm0"), **kw), name="model")
-        p.setup(ctx)
-        return p.reward(ctx, batch)["model"]
-
-    each = torch.stack([Plugin(Config(path=str(tmp_path / f"rm{i}")), name="model").reward(ctx, batch)["model"]
-                        for i in range(3)])
-    ens = [str(tmp_path / "rm1"), str(tmp_path / "rm2")]
-    torch.testing.assert_close(run(ensemble=ens), each.mean(0), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(run(ensemble=ens, combine="lcb", ensemble_k=2.0), each.mean(0) - 2.0 * each.std(0),
-                               rtol=1e-4, atol=1e-5)
-    assert recorded["reward/model/ensemble_std"] == pytest.approx(float(each.std(0).mean()), rel=1e-4)
-    with pytest.raises(ValueError, match="combine"):
-        Plugin(Config(path=str(tmp_path / "rm0"), combine="median"), name="model")
