@@ -40,7 +40,7 @@ from rlfuse import hookimpl
 from rlfuse.data import Batch
 from rlfuse.plugins._data.pairs import PairItem, load_pairs, pair_batch
 from rlfuse.plugins._data.records import DataError, encode_prompts, prompt_text, read_jsonl
-from rlfuse.plugins._data.stream import RecordStream, StreamPlugin
+from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
 from rlfuse.plugins._sampling import SamplingConfig, sample
 
 
@@ -189,7 +189,8 @@ class Plugin(StreamPlugin):
             self.items += extra
             self.stats["data/shipped_pairs"] = len(extra)
         print(f"[rlfuse] rollout=policy_pairs: {self.stats}")
-        self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle)
+        ctx.set_train_records(self.items)  # for plugins that score every pair (the reward model's stats, DPO)
+        self.stream = RecordStream(self.items, seed=ctx.cfg.seed, shuffle=self.cfg.shuffle, **shard(ctx))
 
     @hookimpl
     def rollout(self, ctx: Any, step: int) -> Batch:

@@ -166,7 +166,7 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
                RLFUSE_TEST_CRASH_STEP="3", RLFUSE_TEST_OUT=str(tmp_path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--max-restarts", "1", "--rdzv-backend", "c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-           "-m", "rlfuse", *SFT[:-4], "trainer.max_steps=5", "trainer.save_every=2", "trainer.resume=true",
+           "-m", "rlfuse", *SFT[:-4], "trainer.max_steps=5", "trainer.save_every=2", "trainer.resume=auto",
            "rollout.batch_size=4", "dist.timeout_s=30", "+plugins.crash.plugin=distributed_support:CrashOnce",
            f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
