@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from rlfuse import hookspecs, metrics
 from rlfuse.config import MULTI_GROUPS, SINGLE_GROUPS
+from rlfuse.pipeline import expand_rounds
 from support import compose, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +158,9 @@ def run_preset(preset: str, tmp_path_factory) -> tuple[dict, list[dict]]:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_one_tiny_step(preset, tmp_path_factory):
     summary, rows = run_preset(preset, tmp_path_factory)
-    stages = list(compose([f"algo={preset}"]).algo.stages or {})
+    cfg = compose([f"algo={preset}"])
+    # the stages in the order they run, rounds expanded (online_dpo: dpo, dpo_r2)
+    stages = [run[0] for run in expand_rounds(cfg)] if cfg.algo.stages else []
     steps = [r for r in rows if "loss/total" in r]
     assert steps, f"algo={preset}: no training step in metrics.jsonl"
     assert all(r["step"] == 1 and r["optim/updates"] >= 1 for r in steps), steps
