@@ -148,3 +148,26 @@ def load_plugins(cfg, pm):
     from rlfuse.manager import load_plugins as load
 
     return {name: float(w) for name, w in load(cfg, pm)["weight"].items()}
+
+
+def data_ctx(run_dir, **data):
+    """A stand-in for the trainer's context as the data plugins see it: ``cfg.data`` (short
+    lengths unless given), the tiny character tokenizer, ``run_dir`` and a CPU device."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlfuse.models import build_tiny_tokenizer
+
+    d = dict(max_prompt_length=16, max_length=32, truncation="left")
+    d.update(data)
+    return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(**d), seed=0), tokenizer=build_tiny_tokenizer(),
+                           run_dir=run_dir, device=torch.device("cpu"), set_train_records=lambda records: None)  # fmt: skip
+
+
+def write_jsonl(path, rows):
+    """Write ``rows`` (dicts as JSON, strings as they are) one per line; returns ``str(path)``."""
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)

@@ -4,34 +4,21 @@ file:line:field."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
-from rlfuse.models import build_tiny_tokenizer
 from rlfuse.plugins._data.pairs import load_pairs, pair_batch
 from rlfuse.plugins._data.records import DataError
-
-
-def ctx_for(tmp_path, **data):
-    d = dict(max_prompt_length=16, max_length=32, truncation="left")
-    d.update(data)
-    return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(**d)), tokenizer=build_tiny_tokenizer(), run_dir=tmp_path,
-                           set_train_records=lambda records: None)
-
-
-def write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
+from support import data_ctx, write_jsonl
 
 
 def test_layout_chosen_first_then_rejected(tmp_path):
-    f = write(tmp_path / "p.jsonl", [
+    f = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "cba=", "chosen": "abc", "rejected": "acb"},
         {"prompt": "ba=", "chosen": "ab", "rejected": "b", "margin": 2},
         {"prompt": "dcb=", "chosen": "bcd", "rejected": "bdc"},
     ])
-    ctx = ctx_for(tmp_path)
+    ctx = data_ctx(tmp_path)
     items = load_pairs(ctx, f)
     b = pair_batch(items, ctx.tokenizer, 32, "cpu")
     assert len(b) == 6
@@ -48,13 +35,13 @@ def test_layout_chosen_first_then_rejected(tmp_path):
 
 
 def test_chat_rows_and_label_rows(tmp_path):
-    f = write(tmp_path / "p.jsonl", [
+    f = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": [{"role": "user", "content": "sort cba"}],
          "chosen": [{"role": "assistant", "content": "abc"}], "rejected": [{"role": "assistant", "content": "cab"}]},
         {"prompt": "x=", "chosen": "a", "rejected": "b", "label": "tie"},
         {"prompt": "y=", "label": "skip"},
     ])
-    ctx = ctx_for(tmp_path, max_prompt_length=64, max_length=96)
+    ctx = data_ctx(tmp_path, max_prompt_length=64, max_length=96)
     items = load_pairs(ctx, f)
     assert len(items) == 1
     assert items[0].prompt == "user: sort cba\nassistant: " and items[0].chosen == "abc"
@@ -70,16 +57,16 @@ def test_chat_rows_and_label_rows(tmp_path):
     ],
 )
 def test_bad_rows_name_file_line_field(tmp_path, row, msg):
-    f = write(tmp_path / "p.jsonl", [{"prompt": "a=", "chosen": "a", "rejected": "b"}, row])
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a=", "chosen": "a", "rejected": "b"}, row])
     with pytest.raises(DataError, match=msg.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
-        load_pairs(ctx_for(tmp_path), f)
+        load_pairs(data_ctx(tmp_path), f)
 
 
 def test_long_prompt_truncated_or_rejected(tmp_path):
-    f = write(tmp_path / "p.jsonl", [{"prompt": "abcdefghij=", "chosen": "a", "rejected": "b"}])
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abcdefghij=", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match="p.jsonl:1: prompt is 12 tokens"):
-        load_pairs(ctx_for(tmp_path, max_prompt_length=6, truncation="error"), f)
-    ctx = ctx_for(tmp_path, max_prompt_length=6, truncation="left")
+        load_pairs(data_ctx(tmp_path, max_prompt_length=6, truncation="error"), f)
+    ctx = data_ctx(tmp_path, max_prompt_length=6, truncation="left")
     item = load_pairs(ctx, f)[0]
     tok = ctx.tokenizer
     assert item.prompt_ids == [tok.bos_token_id] + tok("ghij=", add_special_tokens=False)["input_ids"]

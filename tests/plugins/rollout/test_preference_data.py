@@ -4,32 +4,19 @@ position survives a resume."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlfuse.manager import PluginError, instantiate, resolve
-from rlfuse.models import build_tiny_tokenizer
-
-
-def ctx_for(tmp_path, **data):
-    d = dict(max_prompt_length=16, max_length=32, truncation="left")
-    d.update(data)
-    return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(**d)), tokenizer=build_tiny_tokenizer(), run_dir=tmp_path,
-                           set_train_records=lambda records: None)
-
-
-def write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
+from support import data_ctx, write_jsonl
 
 
 def test_rollout_plugin_steps(tmp_path):
     from rlfuse.plugins.rollout.preference_data import Config, Plugin
 
-    f = write(tmp_path / "p.jsonl", [{"prompt": f"{c}a=", "chosen": "a" + c, "rejected": c} for c in "bcdefg"])
-    ctx = ctx_for(tmp_path)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{c}a=", "chosen": "a" + c, "rejected": c} for c in "bcdefg"])
+    ctx = data_ctx(tmp_path)
     ctx.cfg.data.preferences = f
     ctx.cfg.seed = 0
     ctx.device = torch.device("cpu")
@@ -42,10 +29,10 @@ def test_rollout_plugin_steps(tmp_path):
 
 
 def test_position_survives_a_resume_and_order_is_seeded(tmp_path):
-    f = write(tmp_path / "p.jsonl", [{"prompt": f"{c}a=", "chosen": "a" + c, "rejected": c} for c in "bcdefgh"])
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{c}a=", "chosen": "a" + c, "rejected": c} for c in "bcdefgh"])
 
     def plugin():
-        ctx = ctx_for(tmp_path)
+        ctx = data_ctx(tmp_path)
         ctx.cfg.data.preferences, ctx.cfg.seed, ctx.device = f, 3, torch.device("cpu")
         p = instantiate(resolve("preference_data"), {"batch_size": 3}, name="preference_data", where="rollout")
         p.setup(ctx)
@@ -63,7 +50,7 @@ def test_position_survives_a_resume_and_order_is_seeded(tmp_path):
 
 
 def test_missing_preferences_and_bad_batch_size_are_errors(tmp_path):
-    ctx = ctx_for(tmp_path, preferences=None)
+    ctx = data_ctx(tmp_path, preferences=None)
     p = instantiate(resolve("preference_data"), {}, name="preference_data", where="rollout")
     with pytest.raises(ValueError, match="data.preferences"):
         p.setup(ctx)

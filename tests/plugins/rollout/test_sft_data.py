@@ -4,26 +4,17 @@ response mask on the completion; chat rows; errors naming file:line."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlfuse.manager import instantiate, resolve
-from rlfuse.models import build_tiny_tokenizer
 from rlfuse.plugins._data.records import DataError
+from support import data_ctx, write_jsonl
 
 
-def ctx_for(path, **data):
-    d = dict(sft=str(path), max_prompt_length=16, max_length=32, truncation="left")
-    d.update(data)
-    return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(**d), seed=0), tokenizer=build_tiny_tokenizer(),
-                           device=torch.device("cpu"))  # fmt: skip
-
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def sft_ctx(path, **data):
+    return data_ctx(None, **{"sft": str(path), **data})
 
 
 def sft_data(**options):
@@ -31,8 +22,8 @@ def sft_data(**options):
 
 
 def test_completion_tokens_are_the_response(tmp_path):
-    f = write(tmp_path / "d.jsonl", [{"prompt": "cba=", "completion": "abc"}, {"prompt": "ba=", "completion": "ab", "id": 7}])
-    ctx = ctx_for(f)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "cba=", "completion": "abc"}, {"prompt": "ba=", "completion": "ab", "id": 7}])
+    ctx = sft_ctx(f)
     p = sft_data(batch_size=2, shuffle=False)
     p.setup(ctx=ctx)
     b = p.rollout(ctx=ctx, step=0)
@@ -48,11 +39,11 @@ def test_completion_tokens_are_the_response(tmp_path):
 
 
 def test_chat_rows_and_long_rows(tmp_path):
-    f = write(tmp_path / "d.jsonl", [
+    f = write_jsonl(tmp_path / "d.jsonl", [
         {"messages": [{"role": "user", "content": "sort dcb"}, {"role": "assistant", "content": "bcd"}]},
         {"prompt": "ba=", "completion": "x" * 40},
     ])  # fmt: skip
-    ctx = ctx_for(f, max_prompt_length=64, max_length=40)
+    ctx = sft_ctx(f, max_prompt_length=64, max_length=40)
     p = sft_data(batch_size=2, shuffle=False)
     p.setup(ctx=ctx)
     b = p.rollout(ctx=ctx, step=0)
@@ -64,8 +55,8 @@ def test_chat_rows_and_long_rows(tmp_path):
 
 
 def test_bad_rows_and_missing_file_are_errors(tmp_path):
-    f = write(tmp_path / "d.jsonl", [{"prompt": "a=", "completion": "a"}, {"prompt": "b="}])
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a=", "completion": "a"}, {"prompt": "b="}])
     with pytest.raises(DataError, match="d.jsonl:2: missing field"):
-        sft_data().setup(ctx=ctx_for(f))
+        sft_data().setup(ctx=sft_ctx(f))
     with pytest.raises(ValueError, match="rollout=sft_data needs data.sft"):
-        sft_data().setup(ctx=ctx_for(f, sft=None))
+        sft_data().setup(ctx=sft_ctx(f, sft=None))
