@@ -213,7 +213,7 @@ class Dist:
         for chunk in _buckets(tensors):
             flat = torch.cat([t.detach().reshape(-1).float() for t in chunk])
             self.broadcast(flat, src=src, what="broadcast of the initial weights")
-            _unflatten_into(flat, chunk)
+            unflatten_into(flat, chunk)
 
     def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
         """Sum the gradients of ``params`` over ranks (bucketed flat all-reduces). With loss
@@ -229,7 +229,7 @@ class Dist:
         for chunk in _buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in chunk])
             self.all_reduce(flat, what="gradient all-reduce")
-            _unflatten_into(flat, chunk)
+            unflatten_into(flat, chunk)
 
     # -- metrics ------------------------------------------------------------------------
     def reduce_metrics(
@@ -403,7 +403,8 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     return out
 
 
-def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy the flat vector ``flat`` back into ``tensors`` in order (cast to their dtype/device)."""
     i = 0
     with torch.no_grad():
         for t in tensors:

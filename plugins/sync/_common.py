@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from rlfuse.distributed import unflatten_into
+
 
 def trainable(ctx: Any) -> list[torch.nn.Parameter]:
     """The parameters every rank exchanges: the policy's and the extra modules' trainable ones."""
@@ -21,12 +23,7 @@ def flatten(params: list[torch.Tensor]) -> torch.Tensor:  # (N,) fp32
 
 def assign(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     """Copy the flat vector ``flat`` back into ``params`` (cast to their dtype/device)."""
-    i = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.copy_(flat[i : i + n].view_as(p))
-            i += n
+    unflatten_into(flat, params)
 
 
 def relative_distance(theta: torch.Tensor, mean: torch.Tensor) -> float:
