@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from support import FAST, run_job
+
 
 @pytest.mark.slow
 def test_example_plugin_installs_and_runs(with_example, tmp_path):

@@ -4,8 +4,6 @@ listed by `rlfuse plugins`, checked by `rlfuse sweep check`; clashes and the aut
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 

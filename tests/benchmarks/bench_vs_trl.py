@@ -80,6 +80,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
 TASK_DATA = REPO / "plugins" / "tasks" / "data"
@@ -174,8 +176,6 @@ def rlfuse_child(algo: str, model_dir: str, steps: int, warmup: int, threads: in
                  data_dir: str | None = None, device: str = "cpu") -> dict:
     import contextlib
 
-    import torch
-
     import rlfuse  # noqa: F401  (OMP_WAIT_POLICY is also set in the environment by main())
     import rlfuse.models as models
     import rlfuse.trainer as trainer
@@ -258,11 +258,43 @@ def _common_args(out_dir: str, max_steps: int | None, precision: str = "fp32") -
     return kw
 
 
+class RuleReward(torch.nn.Module):
+    """Stands for TRL PPO's reward model: the task's rule (like rlfuse's reward=rule), scored by
+    the patch of :func:`_patch_trl_ppo`."""
+
+
+def _patch_trl_ppo(tok, rule: RuleReward, score, pending: dict) -> None:
+    """Make TRL's PPO score answers with ``score(prompt, answer)`` when its reward model is
+    ``rule``, and count the tokens it generates (prompt + response up to the first EOS) into
+    ``pending["tokens"]``."""
+    import trl.experimental.ppo.ppo_trainer as ppo_mod
+
+    get_reward, batch_generation = ppo_mod.get_reward, ppo_mod.batch_generation
+
+    def patched_get_reward(model, query_responses, pad_token_id, context_length):
+        if model is not rule:
+            return get_reward(model, query_responses, pad_token_id, context_length)
+        prompts = tok.batch_decode(query_responses[:, :context_length], skip_special_tokens=True)
+        answers = tok.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
+        scores = [score(p, a) for p, a in zip(prompts, answers, strict=True)]
+        return None, torch.tensor(scores, dtype=torch.float32), None
+
+    def counting_generation(model, queries, *a, **k):
+        qr, logits = batch_generation(model, queries, *a, **k)
+        resp = qr[:, queries.shape[1] :]
+        is_eos = resp == tok.eos_token_id
+        after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # past the first EOS
+        pending["tokens"] += float((queries != tok.pad_token_id).sum() + (~after).sum())
+        return qr, logits
+
+    ppo_mod.get_reward = patched_get_reward
+    ppo_mod.batch_generation = counting_generation
+
+
 def trl_child(algo: str, model_dir: str, steps: int, warmup: int, threads: int, precision: str = "fp32",
               data_dir: str | None = None) -> dict:
     if data_dir:
         return trl_real_child(algo, model_dir, steps, warmup, threads, precision, data_dir)
-    import torch
 
     torch.set_num_threads(threads)
     from datasets import Dataset
@@ -347,7 +379,6 @@ def trl_child(algo: str, model_dir: str, steps: int, warmup: int, threads: int, 
         trainer._generate_and_score_completions = counting_gen
         trainer.train()
     elif algo == "ppo":
-        import trl.experimental.ppo.ppo_trainer as ppo_mod
         from transformers import AutoModelForSequenceClassification
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -358,32 +389,8 @@ def trl_child(algo: str, model_dir: str, steps: int, warmup: int, threads: int, 
         value = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
         base = peak_mib()
 
-        class RuleReward(torch.nn.Module):
-            """Stands for the reward model: the task's exact rule reward, like rlfuse's reward=rule."""
-
         rule = RuleReward()
-        get_reward = ppo_mod.get_reward
-
-        def patched_get_reward(model, query_responses, pad_token_id, context_length):
-            if model is not rule:
-                return get_reward(model, query_responses, pad_token_id, context_length)
-            prompts = tok.batch_decode(query_responses[:, :context_length], skip_special_tokens=True)
-            answers = tok.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
-            scores = [task.reward(p, a) for p, a in zip(prompts, answers, strict=True)]
-            return None, torch.tensor(scores, dtype=torch.float32), None
-
-        batch_generation = ppo_mod.batch_generation
-
-        def counting_generation(model, queries, *a, **k):
-            qr, logits = batch_generation(model, queries, *a, **k)
-            resp = qr[:, queries.shape[1] :]
-            is_eos = resp == tok.eos_token_id
-            after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # past the first EOS
-            pending["tokens"] += float((queries != tok.pad_token_id).sum() + (~after).sum())
-            return qr, logits
-
-        ppo_mod.get_reward = patched_get_reward
-        ppo_mod.batch_generation = counting_generation
+        _patch_trl_ppo(tok, rule, task.reward, pending)
         enc = [tok(bos + r["prompt"])["input_ids"] for r in _read("prompts_train.jsonl")]
         ds = Dataset.from_dict({"input_ids": enc})
         # TRL: rollout batch = per_device_train_batch_size x gradient_accumulation_steps = 64,
@@ -418,7 +425,6 @@ def _letters_target(prompt: str) -> str:
 def trl_real_child(algo: str, model_dir: str, steps: int, warmup: int, threads: int, precision: str,
                    data_dir: str) -> dict:
     """TRL's side of the real-model workload (``REAL``), same data and hyper-parameters."""
-    import torch
 
     torch.set_num_threads(threads)
     from datasets import Dataset
@@ -492,7 +498,6 @@ def trl_real_child(algo: str, model_dir: str, steps: int, warmup: int, threads: 
         trainer._generate_and_score_completions = counting_gen
         trainer.train()
     elif algo == "ppo":
-        import trl.experimental.ppo.ppo_trainer as ppo_mod
         from transformers import AutoModelForSequenceClassification
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -503,32 +508,8 @@ def trl_real_child(algo: str, model_dir: str, steps: int, warmup: int, threads: 
         value.config.pad_token_id = tok.pad_token_id
         base = peak_mib()
 
-        class RuleReward(torch.nn.Module):
-            """Stands for the reward model: the task's rule, like rlfuse's reward=rule."""
-
         rule = RuleReward()
-        get_reward = ppo_mod.get_reward
-
-        def patched_get_reward(model, query_responses, pad_token_id, context_length):
-            if model is not rule:
-                return get_reward(model, query_responses, pad_token_id, context_length)
-            prompts = tok.batch_decode(query_responses[:, :context_length], skip_special_tokens=True)
-            answers = tok.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
-            scores = [task.score(a, _letters_target(p)) for p, a in zip(prompts, answers, strict=True)]
-            return None, torch.tensor(scores, dtype=torch.float32), None
-
-        batch_generation = ppo_mod.batch_generation
-
-        def counting_generation(model, queries, *a, **k):
-            qr, logits = batch_generation(model, queries, *a, **k)
-            resp = qr[:, queries.shape[1] :]
-            is_eos = resp == tok.eos_token_id
-            after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-            pending["tokens"] += float((queries != tok.pad_token_id).sum() + (~after).sum())
-            return qr, logits
-
-        ppo_mod.get_reward = patched_get_reward
-        ppo_mod.batch_generation = counting_generation
+        _patch_trl_ppo(tok, rule, lambda p, a: task.score(a, _letters_target(p)), pending)
         enc = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows("prompts.jsonl")]
         ds = Dataset.from_dict({"input_ids": enc})
         common.pop("max_steps")

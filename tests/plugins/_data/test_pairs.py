@@ -3,8 +3,6 @@ file:line:field."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from rlfuse.plugins._data.pairs import load_pairs, pair_batch

@@ -3,8 +3,6 @@ position survives a resume."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 

@@ -3,10 +3,7 @@ response mask on the completion; chat rows; errors naming file:line."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 from rlfuse.manager import instantiate, resolve
 from rlfuse.plugins._data.records import DataError
