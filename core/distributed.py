@@ -423,9 +423,10 @@ def init_from(cfg: Any) -> Dist:
 
 
 def data_parallel(ctx: Any) -> bool:
-    """Whether the ranks train one model together (``trainer.strategy=ddp``) rather than one
-    model each (``none``: the decentralized algorithm, whose sync plugin combines them)."""
-    return ctx.dist.enabled and ctx.cfg.trainer.get("strategy", "ddp") == "ddp"
+    """Whether the ranks train one model together (``trainer.strategy=ddp`` or ``fsdp``)
+    rather than one model each (``none``: the decentralized algorithm, whose sync plugin
+    combines them)."""
+    return ctx.dist.enabled and ctx.cfg.trainer.get("strategy", "ddp") in ("ddp", "fsdp")
 
 
 def for_rank(cfg: Any, rank: int) -> Any:
@@ -449,11 +450,18 @@ def for_rank(cfg: Any, rank: int) -> Any:
 
 
 def prepare(ctx: Any) -> None:
-    """Start every rank from rank 0's weights (policy and extra modules)."""
+    """Start every rank from rank 0's weights (policy and extra modules); under
+    ``trainer.strategy=fsdp`` then shard the policy (:mod:`rlfuse.fsdp`)."""
+    from rlfuse import fsdp
+
     strategy = ctx.cfg.trainer.get("strategy", "ddp")
-    if strategy not in ("ddp", "none"):
-        raise ValueError(f"trainer.strategy must be ddp or none, got '{strategy}' (see docs/scaling.md on fsdp)")
+    if strategy not in ("ddp", "fsdp", "none"):
+        raise ValueError(f"trainer.strategy must be ddp, fsdp or none, got '{strategy}' (see docs/scaling.md)")
+    if strategy == "fsdp":
+        fsdp.check(ctx)  # also in one process, so a config that cannot scale out fails early
     ctx.dist.broadcast_parameters([ctx.policy, *ctx.modules.values()])
+    if fsdp.sharded(ctx):
+        fsdp.shard(ctx)
 
 
 def batch_totals(ctx: Any, batch: Any) -> dict[str, float]:
@@ -467,8 +475,12 @@ def batch_totals(ctx: Any, batch: Any) -> dict[str, float]:
 
 
 def reduce_gradients(ctx: Any, params: Sequence[torch.Tensor]) -> None:
+    """Sum the gradients over ranks under data parallelism; FSDP has already reduced (and
+    sharded) the policy's in backward, so only the replicated ones are summed here."""
+    from rlfuse import fsdp
+
     if data_parallel(ctx):
-        ctx.dist.sum_gradients(params)
+        ctx.dist.sum_gradients(fsdp.replicated(params) if fsdp.sharded(ctx) else params)
 
 
 # How a per-rank step metric combines into the global one.

@@ -89,7 +89,8 @@ def _job(args: dict[str, Any]) -> None:
 
 
 class KeepWeights:
-    """A test plugin: at teardown, save this rank's flat weights to ``$RLFUSE_TEST_OUT/rank<r>.pt``."""
+    """A test plugin: at teardown, save this rank's flat weights to ``$RLFUSE_TEST_OUT/rank<r>.pt``
+    (a sharded policy's full weights, gathered on every rank)."""
 
     def __init__(self, cfg: Any = None, name: str = "keep") -> None:
         pass
@@ -100,7 +101,10 @@ class KeepWeights:
     def teardown(self, ctx: Any) -> None:
         import torch
 
-        flat = torch.cat([p.detach().reshape(-1).float() for p in ctx.policy.parameters()])
+        from torch.distributed.tensor import DTensor
+
+        full = [p.full_tensor() if isinstance(p, DTensor) else p for p in ctx.policy.parameters()]  # fsdp: gathered
+        flat = torch.cat([p.detach().reshape(-1).float() for p in full])
         torch.save(flat, Path(os.environ["RLFUSE_TEST_OUT"]) / f"rank{ctx.dist.rank}.pt")
 
 
@@ -124,6 +128,22 @@ class CrashOnce:
             marker.write_text("1")
             raise RuntimeError("injected crash")
         return None
+
+
+class FailSaveOnRank1:
+    """A test plugin: its ``save_state`` raises on rank 1 (a rank that cannot write its part
+    of a checkpoint)."""
+
+    from rlfuse import hookimpl
+
+    def __init__(self, cfg: Any = None, name: str = "bad") -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+
+    @hookimpl
+    def save_state(self) -> dict[str, Any]:
+        if self.rank == 1:
+            raise OSError("injected: no space left for rank 1's part")
+        return {}
 
 
 def _flat_model(seed: int):
