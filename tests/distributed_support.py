@@ -5,7 +5,7 @@ environment variables set by hand (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0
 ``MASTER_PORT``) and one thread; :func:`launch` starts them and :func:`wait` joins them with
 a hard timeout (a rank still running after it is killed and the test fails). Each rank writes
 what the test checks under ``out/``: ``rank<r>.json`` and, for jobs, ``rank<r>.pt`` (the flat
-trainable weights).
+trainable weights); scenario ``jobs`` runs several jobs in the same ranks (one start-up).
 """
 
 from __future__ import annotations
@@ -85,6 +85,37 @@ def _job(args: dict[str, Any]) -> None:
     with distributed.exit_on_failure():
         summary = run_job(args["overrides"], args["run_dir"])
     (out / f"rank{rank}.json").write_text(json.dumps({"summary": summary}, default=str))
+    distributed.shutdown()
+
+
+def _jobs(args: dict[str, Any]) -> None:
+    """Several jobs one after the other in the same ranks (one process group, as the stages
+    of a pipeline share it): each job ``{"name", "overrides", "resume_from": [run_dir, step]?}``
+    runs in ``<out>/<name>_run`` and leaves ``<out>/<name>/rank<r>.pt``. ``resume_from``
+    first copies that run's checkpoint of ``step`` into the job's fresh run dir (rank 0)."""
+    import shutil
+
+    import torch
+
+    from rlfuse import distributed
+    from support import run_job
+
+    torch.set_num_threads(1)
+    out = Path(args["out"])
+    rank = distributed.init(timeout_s=60).rank  # the jobs' trainers reuse this group
+    with distributed.exit_on_failure():
+        for job in args["jobs"]:
+            run, keep = out / f"{job['name']}_run", out / job["name"]
+            keep.mkdir(parents=True, exist_ok=True)
+            if job.get("resume_from"):
+                src, step = job["resume_from"]
+                if rank == 0:
+                    name = f"step_{int(step):07d}"
+                    shutil.copytree(out / f"{src}_run" / "checkpoints" / name, run / "checkpoints" / name)
+                distributed.current().barrier("test: checkpoint copied")
+            os.environ["RLFUSE_TEST_OUT"] = str(keep)
+            run_job(job["overrides"], run)
+    (out / f"rank{rank}.json").write_text(json.dumps({"jobs": [j["name"] for j in args["jobs"]]}))
     distributed.shutdown()
 
 
@@ -255,7 +286,7 @@ def _collective_loop(args: dict[str, Any]) -> None:
 def main() -> None:
     scenario, raw = sys.argv[1], sys.argv[2]
     args = json.loads(raw)
-    {"job": _job, "sync_checks": _sync_checks, "collective_loop": _collective_loop}[scenario](args)
+    {"job": _job, "jobs": _jobs, "sync_checks": _sync_checks, "collective_loop": _collective_loop}[scenario](args)
 
 
 if __name__ == "__main__":
