@@ -178,14 +178,15 @@ def _options(**kw: Any) -> Any:
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_policy_state(ctx: Any) -> dict[str, torch.Tensor] | None:
-    """The policy's full state dict on CPU, on rank 0 (an empty dict on the others); every
-    rank must call it (all-gathers). None when the policy is not sharded."""
+def full_policy_state(ctx: Any, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+    """The policy's full state dict: on CPU on rank 0 only (an empty dict on the others), or
+    with ``everywhere`` on every rank (on the policy's device). Every rank must call it
+    (all-gathers). None when the policy is not sharded."""
     if root_of(ctx.policy) is None:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(ctx.policy, options=_options(cpu_offload=True))
+    return get_model_state_dict(ctx.policy, options=_options(cpu_offload=not everywhere))
 
 
 def load_policy_state(ctx: Any, state: dict[str, torch.Tensor]) -> None:

@@ -224,8 +224,9 @@ def save_pretrained(
         model.save_pretrained(folder)
         return
     cast = torch_dtype(dtype, "trainer.save_dtype") if dtype is not None else None
+    tied = _tied_names(model)  # written once, as save_pretrained does with the model's own state
     state = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v)
-             for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
+             for k, v in (state_dict if state_dict is not None else model.state_dict()).items() if k not in tied}
     model.save_pretrained(folder, state_dict=state)
     config = getattr(model, "config", None)
     if config is not None and dtype is not None:  # record the saved dtype, so `from_pretrained(dtype="auto")` loads it as saved
@@ -236,6 +237,17 @@ def save_pretrained(
             data = json.loads(cfg_file.read_text())
             data["dtype"] = data["torch_dtype"] = dtype
             cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (a tied lm_head), after the first."""
+    seen: set[int] = set()
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -127,6 +127,12 @@ class Context:
         """Free the reference model (e.g. after its log-probs were all precomputed)."""
         self._reference = None
 
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's full state dict. With a sharded policy (``trainer.strategy=fsdp``) the
+        weights are gathered, so every rank must call it at the same point (teardown, say);
+        otherwise it is ``policy.state_dict()``."""
+        return fsdp.full_policy_state(self, everywhere=True) or self.policy.state_dict()
+
     def add_module(self, name: str, module: nn.Module, lr: float | None = None) -> nn.Module:
         """Add a trainable module (optimised with the policy, saved in checkpoints)."""
         if name in self.modules:
@@ -438,7 +444,8 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
             models.save_merged(ctx.policy, ctx.tokenizer, run_dir / "final" / "merged", cfg.trainer.save_dtype)
     if cfg.trainer.save_every:
         _save_checkpoint(ctx, opt, done_steps, {"summary": summary, "counters": counters, "final": True})
-    ctx.hook.teardown(ctx=ctx, summary=summary)
+    with fsdp.gathered(ctx):  # sharded: teardown sees (and may save) the full weights
+        ctx.hook.teardown(ctx=ctx, summary=summary)
     if ctx.dist.is_main:
         write_json_atomic(run_dir / "summary.json", summary)
     ctx.dist.barrier("end of run")  # no rank reads final/ or summary.json before they exist
