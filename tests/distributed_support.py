@@ -121,7 +121,7 @@ def _jobs(args: dict[str, Any]) -> None:
 
 class KeepWeights:
     """A test plugin: at teardown, save this rank's flat weights to ``$RLFUSE_TEST_OUT/rank<r>.pt``
-    (a sharded policy's full weights, gathered on every rank)."""
+    (a sharded policy is gathered around teardown: its full weights)."""
 
     def __init__(self, cfg: Any = None, name: str = "keep") -> None:
         pass
@@ -132,10 +132,7 @@ class KeepWeights:
     def teardown(self, ctx: Any) -> None:
         import torch
 
-        from torch.distributed.tensor import DTensor
-
-        full = [p.full_tensor() if isinstance(p, DTensor) else p for p in ctx.policy.parameters()]  # fsdp: gathered
-        flat = torch.cat([p.detach().reshape(-1).float() for p in full])
+        flat = torch.cat([p.detach().reshape(-1).float() for p in ctx.policy.parameters()])
         torch.save(flat, Path(os.environ["RLFUSE_TEST_OUT"]) / f"rank{ctx.dist.rank}.pt")
 
 
