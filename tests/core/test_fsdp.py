@@ -105,3 +105,11 @@ def test_a_rank_failing_to_write_its_part_leaves_no_checkpoint(tmp_path):
     assert codes == [1, 1], logs(out, 2)
     assert not list((out / "bad_run" / "checkpoints").glob("step_*")), logs(out, 2)
     assert "rank(s) [1] could not write their part" in (out / "rank0.log").read_text(), logs(out, 2)
+
+
+def test_fsdp_refuses_an_unsupported_precision_naming_the_key(tmp_path):
+    from rlfuse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer.precision.*fp32 and bf16-mixed.*bf16-true"):
+        run_job(["algo=sft", "algo.warmup=null", "trainer.max_steps=1", "trainer.progress=false", "eval=[]",
+                 "logger=[]", "trainer.strategy=fsdp", "trainer.precision=bf16-true"], tmp_path / "run")
