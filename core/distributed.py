@@ -328,7 +328,13 @@ class Dist:
         return failed, stale
 
     def close(self) -> None:
+        """Stop the heartbeat and wait for its thread: a daemon thread still inside a store
+        call when the interpreter exits is torn down mid-C++ (``terminate called without an
+        active exception``, seen once in a test under load)."""
         self._stop.set()
+        if self._hb is not None:
+            self._hb.join(timeout=2 * self.heartbeat_s + 1.0)  # a store call to a gone host may hang: bounded
+            self._hb = None
 
 
 # ------------------------------------------------------------------------ process-wide
