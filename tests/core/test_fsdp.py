@@ -8,7 +8,8 @@ start-ups few, each test runs its jobs one after the other in the same two ranks
 * a resume under FSDP continues exactly: the same metrics and weights as the uninterrupted
   run -- with sampling, which needs each rank's own RNG back (rank 0's on every rank fails it);
 * with ``trainer.strategy=none`` every agent resumes from its own weights, not agent 0's;
-* a rank that cannot write its part of a checkpoint leaves no checkpoint and stops every rank.
+* a rank that cannot write its part of a checkpoint leaves no checkpoint and stops every rank;
+* an unsupported precision under fsdp is an error naming ``trainer.precision``.
 """
 
 from __future__ import annotations
