@@ -7,6 +7,12 @@ from the initial model, exactly as it was) and ``trainer_state.pt`` (optimiser, 
 every RNG, counters, the resolved config), written last -- a folder without it is incomplete
 and ignored. Every folder is written through :func:`atomic_folder`, so a crash mid-write
 never damages the previous version. See docs/reliability.md.
+
+Under torchrun every rank takes part: rank 0 writes the folder; each other rank writes
+``rank<r>.pt`` (its own RNG and plugin state, and with ``trainer.strategy=none`` its own
+policy, modules and optimiser) into rank 0's temporary folder before rank 0 commits it, so
+the folder holds every rank's part or does not exist. Under ``trainer.strategy=fsdp`` the
+policy and optimiser are gathered to rank 0 first (full state dicts, :mod:`rlfuse.fsdp`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "trainer_state.pt"
 MODULES_FILE = "rlfuse_modules.pt"
+RANK_FILE = "rank{rank}.pt"  # the part of rank > 0 (docs/scaling.md, resume under torchrun)
 REFERENCE_DIR = "reference"
 KEEP_LAST = 2  # default of trainer.keep_last: complete checkpoints kept in <run_dir>/checkpoints
 # Keys a resume may change without trainer.resume_allow_changes: the budget and cadence of the
@@ -38,6 +45,11 @@ BUDGET_KEYS = (
     "trainer.resume", "trainer.resume_allow_changes", "trainer.progress", "trainer.threads",
     "trainer.device", "logger",
 )
+
+
+def staging(folder: Path) -> Path:
+    """Where :func:`atomic_folder` fills ``folder`` before the rename."""
+    return folder.with_name(folder.name + ".tmp")
 
 
 @contextmanager
@@ -52,7 +64,7 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
             model.save_pretrained(tmp)
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = staging(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -68,14 +80,14 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_policy(ctx: Context, folder: Path, dtype: str | None = None) -> None:
+def save_policy(ctx: Context, folder: Path, dtype: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
     """Write the policy as a ``save_pretrained`` folder (+ tokenizer, + extra modules), atomically;
     ``dtype`` (``trainer.save_dtype``) casts the saved weights, not the trained ones. A LoRA
-    policy writes its adapter."""
+    policy writes its adapter. ``state_dict``: a sharded policy's gathered weights."""
     from rlfuse import models
 
     with atomic_folder(folder) as tmp:
-        models.save_pretrained(ctx.policy, tmp, dtype)
+        models.save_pretrained(ctx.policy, tmp, dtype, state_dict=state_dict)
         ctx.tokenizer.save_pretrained(tmp)
         if len(ctx.modules):
             torch.save(ctx.modules.state_dict(), tmp / MODULES_FILE)
@@ -83,23 +95,34 @@ def save_policy(ctx: Context, folder: Path, dtype: str | None = None) -> None:
 
 def save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: dict[str, Any]) -> Path:
     """Write ``checkpoints/step_<step>`` (policy, modules, optimiser, plugin state, RNG, the
-    config and ``state``); keep the last ``trainer.keep_last`` complete ones."""
+    config and ``state``); keep the last ``trainer.keep_last`` complete ones.
+
+    Every rank calls it: rank 0 writes the folder, the others their ``rank<r>.pt`` into it
+    before it is committed; the ranks agree all parts were written (else no rank commits and
+    every rank raises), and return once the folder is complete."""
+    from rlfuse import fsdp
+
+    d = ctx.dist
     ckpt_dir = ctx.run_dir / "checkpoints"
     folder = ckpt_dir / f"step_{step:07d}"
-    from rlfuse import models
-
+    policy_state = fsdp.full_policy_state(ctx)  # gathered to rank 0 when sharded (every rank calls)
+    optimizer = fsdp.full_optimizer_state(ctx, opt) if fsdp.sharded(ctx) else None
+    if not d.is_main:
+        d.barrier("checkpoint (folder created)")
+        error = _attempt(lambda: torch.save(_rank_state(ctx, opt), staging(folder) / RANK_FILE.format(rank=d.rank)))
+        _agree_written(ctx, folder, error)
+        d.barrier("checkpoint")
+        return folder
     with atomic_folder(folder) as tmp:
-        models.save_pretrained(ctx.policy, tmp)  # the fp32 masters (a LoRA policy: its adapter)
-        ctx.tokenizer.save_pretrained(tmp)
-        if len(ctx.modules):
-            torch.save(ctx.modules.state_dict(), tmp / MODULES_FILE)
-        if ctx.has_reference and ctx.reference_version > 1:  # replaced: not rebuildable from the config
-            ctx.reference.save_pretrained(tmp / REFERENCE_DIR)
+        d.barrier("checkpoint (folder created)")  # the other ranks write their part into tmp now
+        error = _attempt(lambda: _write_main(ctx, tmp, policy_state))
+        _agree_written(ctx, folder, error)
         trainer_state = {
             "step": step,
-            "optimizer": opt.state_dict(),
+            "optimizer": optimizer if optimizer is not None else opt.state_dict(),
             "plugins": merge(ctx.hook.save_state(ctx=ctx)),
             "rng": rng_state(),
+            "world_size": d.world_size,
             "config": OmegaConf.to_container(ctx.cfg, resolve=True),
             **state,
         }
@@ -108,7 +131,50 @@ def save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: 
     for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
         if old.suffix not in (".tmp", ".old"):
             shutil.rmtree(old, ignore_errors=True)
+    d.barrier("checkpoint")  # no rank goes on before the folder is complete
     return folder
+
+
+def _write_main(ctx: Context, tmp: Path, policy_state: dict[str, Any] | None) -> None:
+    from rlfuse import models
+
+    models.save_pretrained(ctx.policy, tmp, state_dict=policy_state)  # the fp32 masters (LoRA: its adapter)
+    ctx.tokenizer.save_pretrained(tmp)
+    if len(ctx.modules):
+        torch.save(ctx.modules.state_dict(), tmp / MODULES_FILE)
+    if ctx.has_reference and ctx.reference_version > 1:  # replaced: not rebuildable from the config
+        ctx.reference.save_pretrained(tmp / REFERENCE_DIR)
+
+
+def _rank_state(ctx: Context, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a rank > 0 keeps of its own: RNG and plugin state; with one model per rank
+    (``trainer.strategy=none``) also its policy, modules and optimiser."""
+    from rlfuse import distributed
+
+    own: dict[str, Any] = {"rng": rng_state(), "plugins": merge(ctx.hook.save_state(ctx=ctx))}
+    if not distributed.data_parallel(ctx):
+        own["policy"] = {k: v.detach().cpu() for k, v in ctx.policy.state_dict().items()}
+        own["modules"] = ctx.modules.state_dict()
+        own["optimizer"] = opt.state_dict()
+    return own
+
+
+def _attempt(fn: Any) -> BaseException | None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported to every rank by _agree_written
+        return e
+    return None
+
+
+def _agree_written(ctx: Context, folder: Path, error: BaseException | None) -> None:
+    """Every rank says whether its part of ``folder`` was written; any failure makes every
+    rank raise (rank 0 then leaves the folder uncommitted: atomic_folder removes it)."""
+    failed = ctx.dist.failed_ranks(error is None, what="checkpoint (parts written)")
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} could not write their part of {folder}; the checkpoint was not committed")
 
 
 def rng_state() -> dict[str, Any]:
@@ -153,25 +219,50 @@ def load_checkpoint(ctx: Context, opt: torch.optim.Optimizer, ckpt: Path) -> tup
     """
     from transformers import AutoModelForCausalLM
 
-    from rlfuse import models
+    from rlfuse import fsdp, models
 
     state = read_state(ckpt)
+    own = _read_own(ctx, ckpt, state)  # this rank's part (rank 0: the trainer state itself)
     dtype = next(ctx.policy.parameters()).dtype
-    models.load_weights(ctx.policy, ckpt)
+    if fsdp.sharded(ctx):
+        fsdp.load_policy_state(ctx, AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).state_dict())
+    elif "policy" in own:  # one model per rank: this agent's own weights
+        ctx.policy.load_state_dict(own["policy"])
+    else:
+        models.load_weights(ctx.policy, ckpt)
     # The frozen reference is a copy of the *initial* policy, never of the resumed one: built
     # lazily after a resume, it is rebuilt from the config exactly as the run built it.
     cfg = ctx.cfg
     ctx._initial_policy = lambda: models.load_policy(cfg.model, ctx.tokenizer, cfg.seed)
-    if (ckpt / MODULES_FILE).exists():
+    if "modules" in own:
+        ctx.modules.load_state_dict(own["modules"])
+    elif (ckpt / MODULES_FILE).exists():
         ctx.modules.load_state_dict(torch.load(ckpt / MODULES_FILE, map_location=ctx.device))
     if (ckpt / REFERENCE_DIR).exists():
         ctx.set_reference(AutoModelForCausalLM.from_pretrained(ckpt / REFERENCE_DIR, dtype=dtype))
-    opt.load_state_dict(state["optimizer"])
+    if fsdp.sharded(ctx):
+        fsdp.load_optimizer_state(ctx, opt, state["optimizer"])
+    else:
+        opt.load_state_dict(own.get("optimizer", state["optimizer"]))
     step = int(state["step"])
     ctx.step = step
-    ctx.hook.load_state(ctx=ctx, state=state.get("plugins", {}))
-    set_rng_state(state["rng"])
+    ctx.hook.load_state(ctx=ctx, state=own.get("plugins", {}))
+    set_rng_state(own["rng"])
     return step, state
+
+
+def _read_own(ctx: Context, ckpt: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's saved part: ``rank<r>.pt`` for a rank > 0, the trainer state for rank 0 (or
+    for a rank the checkpoint has no part of: a run resumed on more ranks, said so)."""
+    r = ctx.dist.rank
+    path = ckpt / RANK_FILE.format(rank=r)
+    if r == 0:
+        return state
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    print(f"[rlfuse] warning: {ckpt} has no part for rank {r} (saved by {state.get('world_size', 1)} rank(s)); "
+          "this rank resumes from rank 0's RNG, plugin state and weights")
+    return state
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

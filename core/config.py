@@ -102,6 +102,7 @@ class TrainerConfig:
     precision: str = "auto"
     save_dtype: str | None = None  # dtype of final/'s weights: null = the trained weights' dtype
     # Under torchrun: ddp = the ranks train one model (gradients summed, global batch);
+    # fsdp = the same, the policy sharded over the ranks (FSDP2, docs/scaling.md);
     # none = one model per rank, combined only by the sync plugin (algo=decentralized).
     strategy: str = "ddp"
 

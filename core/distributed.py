@@ -328,7 +328,13 @@ class Dist:
         return failed, stale
 
     def close(self) -> None:
+        """Stop the heartbeat and wait for its thread: a daemon thread still inside a store
+        call when the interpreter exits is torn down mid-C++ (``terminate called without an
+        active exception``, seen once in a test under load)."""
         self._stop.set()
+        if self._hb is not None:
+            self._hb.join(timeout=2 * self.heartbeat_s + 1.0)  # a store call to a gone host may hang: bounded
+            self._hb = None
 
 
 # ------------------------------------------------------------------------ process-wide
@@ -424,9 +430,10 @@ def init_from(cfg: Any) -> Dist:
 
 
 def data_parallel(ctx: Any) -> bool:
-    """Whether the ranks train one model together (``trainer.strategy=ddp``) rather than one
-    model each (``none``: the decentralized algorithm, whose sync plugin combines them)."""
-    return ctx.dist.enabled and ctx.cfg.trainer.get("strategy", "ddp") == "ddp"
+    """Whether the ranks train one model together (``trainer.strategy=ddp`` or ``fsdp``)
+    rather than one model each (``none``: the decentralized algorithm, whose sync plugin
+    combines them)."""
+    return ctx.dist.enabled and ctx.cfg.trainer.get("strategy", "ddp") in ("ddp", "fsdp")
 
 
 def for_rank(cfg: Any, rank: int) -> Any:
@@ -450,11 +457,18 @@ def for_rank(cfg: Any, rank: int) -> Any:
 
 
 def prepare(ctx: Any) -> None:
-    """Start every rank from rank 0's weights (policy and extra modules)."""
+    """Start every rank from rank 0's weights (policy and extra modules); under
+    ``trainer.strategy=fsdp`` then shard the policy (:mod:`rlfuse.fsdp`)."""
+    from rlfuse import fsdp
+
     strategy = ctx.cfg.trainer.get("strategy", "ddp")
-    if strategy not in ("ddp", "none"):
-        raise ValueError(f"trainer.strategy must be ddp or none, got '{strategy}' (see docs/scaling.md on fsdp)")
+    if strategy not in ("ddp", "fsdp", "none"):
+        raise ValueError(f"trainer.strategy must be ddp, fsdp or none, got '{strategy}' (see docs/scaling.md)")
+    if strategy == "fsdp":
+        fsdp.check(ctx)  # also in one process, so a config that cannot scale out fails early
     ctx.dist.broadcast_parameters([ctx.policy, *ctx.modules.values()])
+    if fsdp.sharded(ctx):
+        fsdp.shard(ctx)
 
 
 def batch_totals(ctx: Any, batch: Any) -> dict[str, float]:
@@ -468,8 +482,12 @@ def batch_totals(ctx: Any, batch: Any) -> dict[str, float]:
 
 
 def reduce_gradients(ctx: Any, params: Sequence[torch.Tensor]) -> None:
+    """Sum the gradients over ranks under data parallelism; FSDP has already reduced (and
+    sharded) the policy's in backward, so only the replicated ones are summed here."""
+    from rlfuse import fsdp
+
     if data_parallel(ctx):
-        ctx.dist.sum_gradients(params)
+        ctx.dist.sum_gradients(fsdp.replicated(params) if fsdp.sharded(ctx) else params)
 
 
 # How a per-rank step metric combines into the global one.

@@ -214,17 +214,22 @@ def torch_dtype(name: str, key: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def save_pretrained(model: nn.Module, folder: Path, dtype: str | None = None) -> None:
+def save_pretrained(
+    model: nn.Module, folder: Path, dtype: str | None = None, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """``model.save_pretrained(folder)``, the weights cast to ``dtype`` when given (the
-    model itself keeps its own dtype). A LoRA model writes its adapter (in its own dtype)."""
-    if dtype is None or is_peft(model):
+    model itself keeps its own dtype). A LoRA model writes its adapter (in its own dtype).
+    ``state_dict`` replaces the model's own (a sharded policy's gathered weights)."""
+    if (dtype is None and state_dict is None) or is_peft(model):
         model.save_pretrained(folder)
         return
-    cast = torch_dtype(dtype, "trainer.save_dtype")
-    state = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    cast = torch_dtype(dtype, "trainer.save_dtype") if dtype is not None else None
+    tied = _tied_names(model)  # written once, as save_pretrained does with the model's own state
+    state = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v)
+             for k, v in (state_dict if state_dict is not None else model.state_dict()).items() if k not in tied}
     model.save_pretrained(folder, state_dict=state)
     config = getattr(model, "config", None)
-    if config is not None:  # record the saved dtype, so `from_pretrained(dtype="auto")` loads it as saved
+    if config is not None and dtype is not None:  # record the saved dtype, so `from_pretrained(dtype="auto")` loads it as saved
         cfg_file = Path(folder) / "config.json"
         if cfg_file.exists():
             import json
@@ -232,6 +237,17 @@ def save_pretrained(model: nn.Module, folder: Path, dtype: str | None = None) ->
             data = json.loads(cfg_file.read_text())
             data["dtype"] = data["torch_dtype"] = dtype
             cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (a tied lm_head), after the first."""
+    seen: set[int] = set()
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -272,6 +288,15 @@ def forward(
     (:mod:`rlfuse.packing`); log-probs and entropy outside ``response_mask`` are then 0.
     Otherwise the logits go through :func:`rlfuse.kernels.token_logprobs`.
     """
+    from rlfuse.fsdp import root_of
+
+    root = root_of(model)
+    if root is not None:  # sharded (trainer.strategy=fsdp): gather the root parameters around it all
+        return root(_forward, model, batch, entropy=entropy, hidden=hidden, temperature=temperature)
+    return _forward(model, batch, entropy=entropy, hidden=hidden, temperature=temperature)
+
+
+def _forward(model: nn.Module, batch: Batch, *, entropy: bool, hidden: bool, temperature: float) -> ForwardOutput:
     from rlfuse.kernels import token_logprobs
 
     if isinstance(model, AdapterDisabled):  # a LoRA policy's reference: the base alone

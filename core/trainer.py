@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rlfuse import distributed, models, runinfo, stops
+from rlfuse import distributed, fsdp, models, runinfo, stops
 from rlfuse.checkpoint import (
     check_config,
     load_checkpoint,
@@ -97,7 +97,10 @@ class Context:
                 ref = models.load_pretrained(mcfg.ref_name_or_path, mcfg)
                 ref = models.frozen_copy(ref)
             else:
-                ref = models.frozen_copy(self._initial_policy() if self._initial_policy else self.policy)
+                initial = self._initial_policy
+                if initial is None and fsdp.root_of(self.policy) is not None:  # sharded: rebuilt, never copied
+                    initial = lambda: models.load_policy(mcfg, self.tokenizer, self.cfg.seed)  # noqa: E731
+                ref = models.frozen_copy(initial() if initial else self.policy)
             if mcfg.ref_dtype:
                 ref = ref.to(models.torch_dtype(mcfg.ref_dtype, "model.ref_dtype"))
             self.set_reference(ref)
@@ -123,6 +126,12 @@ class Context:
     def drop_reference(self) -> None:
         """Free the reference model (e.g. after its log-probs were all precomputed)."""
         self._reference = None
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's full state dict. With a sharded policy (``trainer.strategy=fsdp``) the
+        weights are gathered, so every rank must call it at the same point (teardown, say);
+        otherwise it is ``policy.state_dict()``."""
+        return fsdp.full_policy_state(self, everywhere=True) or self.policy.state_dict()
 
     def add_module(self, name: str, module: nn.Module, lr: float | None = None) -> nn.Module:
         """Add a trainable module (optimised with the policy, saved in checkpoints)."""
@@ -428,13 +437,15 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
             "final_policy": str(run_dir / "final"),
         }
     )
+    policy_state = fsdp.full_policy_state(ctx)  # sharded: gathered to rank 0 (every rank calls)
     if ctx.dist.is_main:
-        save_policy(ctx, run_dir / "final", dtype=cfg.trainer.save_dtype)
+        save_policy(ctx, run_dir / "final", dtype=cfg.trainer.save_dtype, state_dict=policy_state)
         if cfg.model.lora.r and cfg.model.lora.merge_final:
             models.save_merged(ctx.policy, ctx.tokenizer, run_dir / "final" / "merged", cfg.trainer.save_dtype)
     if cfg.trainer.save_every:
         _save_checkpoint(ctx, opt, done_steps, {"summary": summary, "counters": counters, "final": True})
-    ctx.hook.teardown(ctx=ctx, summary=summary)
+    with fsdp.gathered(ctx):  # sharded: teardown sees (and may save) the full weights
+        ctx.hook.teardown(ctx=ctx, summary=summary)
     if ctx.dist.is_main:
         write_json_atomic(run_dir / "summary.json", summary)
     ctx.dist.barrier("end of run")  # no rank reads final/ or summary.json before they exist
@@ -463,16 +474,16 @@ def _nonfinite(ctx: Context, step: int, what: str) -> bool:
     return True
 
 
-def _save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: dict[str, Any]) -> Path | None:
-    """Rank 0 writes the checkpoint; every rank waits until it is complete."""
-    folder = save_checkpoint(ctx, opt, step, state) if ctx.dist.is_main else None
-    ctx.dist.barrier("checkpoint")
-    return folder
+def _save_checkpoint(ctx: Context, opt: torch.optim.Optimizer, step: int, state: dict[str, Any]) -> Path:
+    """Every rank writes its part of the checkpoint (rank 0 the folder) and waits until it is complete."""
+    return save_checkpoint(ctx, opt, step, state)
 
 
 def _evaluate(ctx: Context, step: int, before: bool = False, prefix: str = "") -> dict[str, Any]:
+    with ctx.precision.autocast(), fsdp.gathered(ctx):  # sharded: gathered once, no collective inside
+        results = merge(ctx.hook.evaluate(ctx=ctx, step=step))
     with ctx.precision.autocast():
-        results = distributed.reduce_eval_metrics(ctx, merge(ctx.hook.evaluate(ctx=ctx, step=step)), prefix)
+        results = distributed.reduce_eval_metrics(ctx, results, prefix)
     if results and ctx.dist.is_main:
         ctx.hook.log(ctx=ctx, step=step, metrics={"step": step, **results})
     if before:
@@ -483,7 +494,7 @@ def _evaluate(ctx: Context, step: int, before: bool = False, prefix: str = "") -
 def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> dict[str, float]:
     cfg = ctx.cfg.trainer
     ctx.policy.train()
-    with ctx.precision.autocast():
+    with ctx.precision.autocast(), fsdp.gathered(ctx):  # sharded: generation needs the full weights
         batch = ctx.hook.rollout(ctx=ctx, step=step)
     if batch is None:
         raise PluginError("no rollout plugin returned a batch (is `rollout` configured?)")
@@ -538,10 +549,10 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
                 skip = bool(ctx.dist.all_reduce(torch.tensor([float(skip)]), op="max", what="non-finite check")[0] > 0)
             ctx.hook.before_step(ctx=ctx, step=step)
             if cfg.max_grad_norm:
-                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                gn = fsdp.clip_grad_norm_(ctx, params, cfg.max_grad_norm)
                 sums["optim/grad_norm"] += float(gn)
             elif not skip:
-                gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                gn = fsdp.grad_norm(ctx, params)
             overflow = False
             if not skip and not math.isfinite(float(gn)) and ctx.precision.scaler is not None:
                 overflow = True  # fp16 loss-scale overflow: scaler.step skips the update, update() lowers the scale

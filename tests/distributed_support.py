@@ -5,7 +5,7 @@ environment variables set by hand (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0
 ``MASTER_PORT``) and one thread; :func:`launch` starts them and :func:`wait` joins them with
 a hard timeout (a rank still running after it is killed and the test fails). Each rank writes
 what the test checks under ``out/``: ``rank<r>.json`` and, for jobs, ``rank<r>.pt`` (the flat
-trainable weights).
+trainable weights); scenario ``jobs`` runs several jobs in the same ranks (one start-up).
 """
 
 from __future__ import annotations
@@ -88,8 +88,40 @@ def _job(args: dict[str, Any]) -> None:
     distributed.shutdown()
 
 
+def _jobs(args: dict[str, Any]) -> None:
+    """Several jobs one after the other in the same ranks (one process group, as the stages
+    of a pipeline share it): each job ``{"name", "overrides", "resume_from": [run_dir, step]?}``
+    runs in ``<out>/<name>_run`` and leaves ``<out>/<name>/rank<r>.pt``. ``resume_from``
+    first copies that run's checkpoint of ``step`` into the job's fresh run dir (rank 0)."""
+    import shutil
+
+    import torch
+
+    from rlfuse import distributed
+    from support import run_job
+
+    torch.set_num_threads(1)
+    out = Path(args["out"])
+    rank = distributed.init(timeout_s=60).rank  # the jobs' trainers reuse this group
+    with distributed.exit_on_failure():
+        for job in args["jobs"]:
+            run, keep = out / f"{job['name']}_run", out / job["name"]
+            keep.mkdir(parents=True, exist_ok=True)
+            if job.get("resume_from"):
+                src, step = job["resume_from"]
+                if rank == 0:
+                    name = f"step_{int(step):07d}"
+                    shutil.copytree(out / f"{src}_run" / "checkpoints" / name, run / "checkpoints" / name)
+                distributed.current().barrier("test: checkpoint copied")
+            os.environ["RLFUSE_TEST_OUT"] = str(keep)
+            run_job(job["overrides"], run)
+    (out / f"rank{rank}.json").write_text(json.dumps({"jobs": [j["name"] for j in args["jobs"]]}))
+    distributed.shutdown()
+
+
 class KeepWeights:
-    """A test plugin: at teardown, save this rank's flat weights to ``$RLFUSE_TEST_OUT/rank<r>.pt``."""
+    """A test plugin: at teardown, save this rank's flat weights to ``$RLFUSE_TEST_OUT/rank<r>.pt``
+    (a sharded policy is gathered around teardown: its full weights)."""
 
     def __init__(self, cfg: Any = None, name: str = "keep") -> None:
         pass
@@ -124,6 +156,22 @@ class CrashOnce:
             marker.write_text("1")
             raise RuntimeError("injected crash")
         return None
+
+
+class FailSaveOnRank1:
+    """A test plugin: its ``save_state`` raises on rank 1 (a rank that cannot write its part
+    of a checkpoint)."""
+
+    from rlfuse import hookimpl
+
+    def __init__(self, cfg: Any = None, name: str = "bad") -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+
+    @hookimpl
+    def save_state(self) -> dict[str, Any]:
+        if self.rank == 1:
+            raise OSError("injected: no space left for rank 1's part")
+        return {}
 
 
 def _flat_model(seed: int):
@@ -235,7 +283,7 @@ def _collective_loop(args: dict[str, Any]) -> None:
 def main() -> None:
     scenario, raw = sys.argv[1], sys.argv[2]
     args = json.loads(raw)
-    {"job": _job, "sync_checks": _sync_checks, "collective_loop": _collective_loop}[scenario](args)
+    {"job": _job, "jobs": _jobs, "sync_checks": _sync_checks, "collective_loop": _collective_loop}[scenario](args)
 
 
 if __name__ == "__main__":

@@ -174,13 +174,18 @@ class Plugin:
             stats.update(mean=float(allv.mean()), std=float(allv.std().clamp_min(1e-6)), pairs=len(items))
         if "eval/pref/accuracy_after" in summary:
             stats["eval_accuracy"] = summary["eval/pref/accuracy_after"]
-        save_reward_model(ctx.policy, self.head, ctx.tokenizer, folder, stats)
+        state = ctx.policy_state_dict()  # every rank: gathered when the policy is sharded
+        if ctx.dist.is_main:  # only rank 0 writes
+            save_reward_model(ctx.policy, self.head, ctx.tokenizer, folder, stats, state)
         summary["reward_model"] = str(folder)
 
 
-def to_sequence_classifier(policy: nn.Module, head: nn.Linear, pad_token_id: int) -> nn.Module:
+def to_sequence_classifier(
+    policy: nn.Module, head: nn.Linear, pad_token_id: int, state: dict[str, Any] | None = None
+) -> nn.Module:
     """A transformers ``*ForSequenceClassification`` (num_labels=1) holding the policy's trunk
-    and ``head`` as its ``score`` layer."""
+    and ``head`` as its ``score`` layer; ``state`` (``ctx.policy_state_dict()``) replaces the
+    policy's own weights (a sharded policy's, gathered)."""
     import copy
 
     from transformers import AutoModelForSequenceClassification
@@ -196,7 +201,12 @@ def to_sequence_classifier(policy: nn.Module, head: nn.Linear, pad_token_id: int
     config.tie_word_embeddings = False
     dtype = next(policy.parameters()).dtype
     model = AutoModelForSequenceClassification.from_config(config).to(dtype)
-    missing, unexpected = model.base_model.load_state_dict(policy.base_model.state_dict(), strict=False)
+    if state is not None and not is_peft(policy):
+        prefix = policy.base_model_prefix + "."
+        trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    else:
+        trunk = policy.base_model.state_dict()
+    missing, unexpected = model.base_model.load_state_dict(trunk, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"reward model trunk mismatch: missing {missing}, unexpected {unexpected}")
     score = getattr(model, "score", None)
@@ -209,11 +219,14 @@ def to_sequence_classifier(policy: nn.Module, head: nn.Linear, pad_token_id: int
     return model.eval()
 
 
-def save_reward_model(policy: nn.Module, head: nn.Linear, tokenizer: Any, folder: Any, stats: dict[str, Any]) -> None:
+def save_reward_model(
+    policy: nn.Module, head: nn.Linear, tokenizer: Any, folder: Any, stats: dict[str, Any],
+    state: dict[str, Any] | None = None,
+) -> None:
     """Write the reward model folder atomically (a re-run never sees a half-written one)."""
     from rlfuse.checkpoint import atomic_folder
 
-    model = to_sequence_classifier(policy, head, tokenizer.pad_token_id)
+    model = to_sequence_classifier(policy, head, tokenizer.pad_token_id, state)
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -68,7 +68,17 @@ def equal_length_sft(tmp_path_factory):
 def test_ddp_sft_equals_one_process_and_allreduce_grads(tmp_path, monkeypatch, equal_length_sft):
     common = SFT + [f"data.sft={equal_length_sft}"]
     _, single = _single(common + ["rollout.batch_size=8"], tmp_path, monkeypatch)
-    res, ranks, run = _ranks(common + ["rollout.batch_size=4"], tmp_path, "ddp")
+    # both 2-rank jobs run in the same two ranks (one start-up)
+    out = tmp_path / "ranks"
+    codes = wait(launch("jobs", 2, {"jobs": [
+        {"name": "ddp", "overrides": common + ["rollout.batch_size=4"]},
+        {"name": "allreduce", "overrides": common + ["rollout.batch_size=4", "trainer.strategy=none", "sync=allreduce",
+                                                     "sync.average=grads"]},
+    ]}, out), 240)
+    assert codes == [0, 0], logs(out, 2)
+    ranks = [torch.load(out / "ddp" / f"rank{r}.pt") for r in range(2)]
+    ar = [torch.load(out / "allreduce" / f"rank{r}.pt") for r in range(2)]
+    run = out / "ddp_run"
     for w in ranks:
         torch.testing.assert_close(w, single, rtol=1e-4, atol=1e-5)
     assert not torch.equal(single, torch.load(tmp_path / "single" / "rank0.pt") * 0)  # trained weights
@@ -78,8 +88,6 @@ def test_ddp_sft_equals_one_process_and_allreduce_grads(tmp_path, monkeypatch, e
     single_rows = [json.loads(x) for x in (tmp_path / "single_run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss/sft"] for r in rows] == pytest.approx([r["loss/sft"] for r in single_rows], rel=1e-4)
     # sync=allreduce, average=grads, k=1, each rank its own model: the same as DDP
-    _, ar, _ = _ranks(common + ["rollout.batch_size=4", "trainer.strategy=none", "sync=allreduce",
-                                "sync.average=grads"], tmp_path, "allreduce")
     for w in ar:
         torch.testing.assert_close(w, single, rtol=1e-4, atol=1e-5)
 
