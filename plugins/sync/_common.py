@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rlfuse import hookimpl
 from rlfuse.distributed import unflatten_into
 
 
@@ -68,3 +69,38 @@ def consolidate_mean(ctx: Any) -> bool:
         what="consolidate",
     )
     return True
+
+
+class PeriodicSync:
+    """The frame of a sync plugin that acts every ``cfg.every`` optimiser steps: the step
+    counter (:meth:`due`), the ``sync/*`` meter, the final consensus policy (the mean over
+    ranks) and the save/load of the attributes named in ``STATE`` under ``sync.<KEY>``."""
+
+    KEY = ""  # the plugin's name in checkpoints: state["sync.<KEY>"]
+    STATE: tuple[str, ...] = ("updates",)
+
+    def __init__(self, cfg: Any) -> None:
+        if cfg.every < 1:
+            raise ValueError(f"sync.every must be >= 1, got {cfg.every}")
+        self.cfg = cfg
+        self.updates = 0
+        self.meter = SyncMeter()
+
+    def due(self, ctx: Any) -> bool:
+        """Count one optimiser step; whether this one syncs (never in a one-process run)."""
+        self.updates += 1
+        return self.updates % self.cfg.every == 0 and ctx.dist.enabled
+
+    @hookimpl
+    def consolidate(self, ctx: Any) -> bool:
+        """The final policy is the mean over ranks (written to ``final/``)."""
+        return consolidate_mean(ctx)
+
+    @hookimpl
+    def save_state(self) -> dict[str, Any]:
+        return {f"sync.{self.KEY}": {k: getattr(self, k) for k in self.STATE}}
+
+    @hookimpl
+    def load_state(self, state: dict[str, Any]) -> None:
+        for k, v in (state.get(f"sync.{self.KEY}") or {}).items():
+            setattr(self, k, v)

@@ -22,9 +22,8 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.plugins.sync._common import (
-    SyncMeter,
+    PeriodicSync,
     assign,
-    consolidate_mean,
     flatten,
     relative_distance,
     trainable,
@@ -37,17 +36,14 @@ class Config:
     average: str = "params"  # params | grads
 
 
-class Plugin:
+class Plugin(PeriodicSync):
     Config = Config
+    KEY = "allreduce"
 
     def __init__(self, cfg: Config, name: str = "allreduce") -> None:
-        if cfg.every < 1:
-            raise ValueError(f"sync.every must be >= 1, got {cfg.every}")
         if cfg.average not in ("params", "grads"):
             raise ValueError(f"sync.average must be params or grads, got '{cfg.average}'")
-        self.cfg = cfg
-        self.updates = 0
-        self.meter = SyncMeter()
+        super().__init__(cfg)
 
     @hookimpl(tryfirst=True)
     def before_step(self, ctx: Any, step: int) -> None:
@@ -68,8 +64,7 @@ class Plugin:
 
     @hookimpl(tryfirst=True)
     def sync(self, ctx: Any, step: int) -> None:
-        self.updates += 1
-        if self.cfg.average != "params" or self.updates % self.cfg.every or not ctx.dist.enabled:
+        if not self.due(ctx) or self.cfg.average != "params":
             return
         params = trainable(ctx)
         mark = self.meter.start(ctx, step)
@@ -87,17 +82,3 @@ class Plugin:
             what="sync=allreduce",
         )
         self.meter.stop(ctx, mark, ctx.dist.world_size, **{"consensus/param_distance": dist_before[0]})
-
-    @hookimpl
-    def consolidate(self, ctx: Any) -> bool:
-        """The final policy is the mean over ranks (written to ``final/``)."""
-        return consolidate_mean(ctx)
-
-    @hookimpl
-    def save_state(self) -> dict[str, Any]:
-        return {"sync.allreduce": {"updates": self.updates}}
-
-    @hookimpl
-    def load_state(self, state: dict[str, Any]) -> None:
-        if "sync.allreduce" in state:
-            self.updates = state["sync.allreduce"]["updates"]

@@ -24,9 +24,8 @@ import torch
 
 from rlfuse import hookimpl
 from rlfuse.plugins.sync._common import (
-    SyncMeter,
+    PeriodicSync,
     assign,
-    consolidate_mean,
     flatten,
     relative_distance,
     trainable,
@@ -42,19 +41,17 @@ class Config:
     bf16: bool = False  # send the pseudo-gradient in bfloat16 (half the bytes)
 
 
-class Plugin:
+class Plugin(PeriodicSync):
     Config = Config
+    KEY = "diloco"
+    STATE = ("updates", "anchor", "momentum")
 
     def __init__(self, cfg: Config, name: str = "diloco") -> None:
-        if cfg.every < 1:
-            raise ValueError(f"sync.every must be >= 1, got {cfg.every}")
         if cfg.outer_lr <= 0 or not 0 <= cfg.outer_momentum < 1:
             raise ValueError("sync.outer_lr must be > 0 and sync.outer_momentum in [0, 1)")
-        self.cfg = cfg
-        self.updates = 0
+        super().__init__(cfg)
         self.anchor: torch.Tensor | None = None  # (N,) fp32 on CPU
         self.momentum: torch.Tensor | None = None
-        self.meter = SyncMeter()
 
     @hookimpl
     def before_step(self, ctx: Any) -> None:
@@ -65,8 +62,7 @@ class Plugin:
     def sync(self, ctx: Any, step: int) -> None:
         anchor = self.anchor
         assert anchor is not None
-        self.updates += 1
-        if self.updates % self.cfg.every or not ctx.dist.enabled:
+        if not self.due(ctx):
             return
         params = trainable(ctx)
         mark = self.meter.start(ctx, step)
@@ -94,18 +90,3 @@ class Plugin:
 
         ctx.dist.two_phase(local, communicate, apply, what="sync=diloco")
         self.meter.stop(ctx, mark, ctx.dist.world_size, **out)
-
-    @hookimpl
-    def consolidate(self, ctx: Any) -> bool:
-        """The final policy is the mean over ranks (written to ``final/``)."""
-        return consolidate_mean(ctx)
-
-    @hookimpl
-    def save_state(self) -> dict[str, Any]:
-        return {"sync.diloco": {"updates": self.updates, "anchor": self.anchor, "momentum": self.momentum}}
-
-    @hookimpl
-    def load_state(self, state: dict[str, Any]) -> None:
-        s = state.get("sync.diloco")
-        if s:
-            self.updates, self.anchor, self.momentum = s["updates"], s["anchor"], s["momentum"]

@@ -24,9 +24,8 @@ from typing import Any
 
 from rlfuse import hookimpl
 from rlfuse.plugins.sync._common import (
-    SyncMeter,
+    PeriodicSync,
     assign,
-    consolidate_mean,
     flatten,
     relative_distance,
     trainable,
@@ -47,23 +46,20 @@ def neighbours(rank: int, world: int, topology: str) -> list[int]:
     return sorted({(rank - 1) % world, (rank + 1) % world} - {rank})
 
 
-class Plugin:
+class Plugin(PeriodicSync):
     Config = Config
+    KEY = "gossip"
+    STATE = ("updates", "syncs")
 
     def __init__(self, cfg: Config, name: str = "gossip") -> None:
-        if cfg.every < 1:
-            raise ValueError(f"sync.every must be >= 1, got {cfg.every}")
         if cfg.topology not in ("ring", "full"):
             raise ValueError(f"sync.topology must be ring or full, got '{cfg.topology}'")
-        self.cfg = cfg
-        self.updates = 0
+        super().__init__(cfg)
         self.syncs = 0
-        self.meter = SyncMeter()
 
     @hookimpl(tryfirst=True)
     def sync(self, ctx: Any, step: int) -> None:
-        self.updates += 1
-        if self.updates % self.cfg.every or not ctx.dist.enabled:
+        if not self.due(ctx):
             return
         self.syncs += 1
         d = ctx.dist
@@ -86,18 +82,3 @@ class Plugin:
 
         d.two_phase(lambda: theta, communicate, lambda mixed: assign(params, mixed), what="sync=gossip")
         self.meter.stop(ctx, mark, 1 + len(peers), **extra)
-
-    @hookimpl
-    def consolidate(self, ctx: Any) -> bool:
-        """The final policy is the mean over ranks (written to ``final/``)."""
-        return consolidate_mean(ctx)
-
-    @hookimpl
-    def save_state(self) -> dict[str, Any]:
-        return {"sync.gossip": {"updates": self.updates, "syncs": self.syncs}}
-
-    @hookimpl
-    def load_state(self, state: dict[str, Any]) -> None:
-        s = state.get("sync.gossip")
-        if s:
-            self.updates, self.syncs = s["updates"], s["syncs"]

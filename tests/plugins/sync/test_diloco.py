@@ -34,3 +34,17 @@ def test_config_errors():
         Plugin(Config(every=0))
     with pytest.raises(ValueError, match="outer"):
         Plugin(Config(outer_momentum=1.0))
+
+
+def test_state_round_trip_and_one_process_is_a_no_op():
+    from types import SimpleNamespace
+
+    one = SimpleNamespace(dist=SimpleNamespace(enabled=False))
+    p = Plugin(Config(every=2))
+    p.anchor, p.momentum = torch.arange(4.0), torch.ones(4)
+    assert [p.due(one) for _ in range(3)] == [False, False, False]  # never syncs alone
+    q = Plugin(Config(every=2))
+    q.load_state(p.save_state())
+    assert q.updates == 3 and torch.equal(q.anchor, p.anchor) and torch.equal(q.momentum, p.momentum)
+    q.load_state({})  # a checkpoint without this plugin's part changes nothing
+    assert q.updates == 3
