@@ -128,6 +128,9 @@ class AlgoConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto | triton | torch
+    # auto | true | false: a loss plugin that can (loss=ppo) computes its term from the final
+    # hidden states + lm_head in one fused kernel when it is the only reader of the log-probs
+    fused_loss: str = "auto"
 
 
 @dataclass
@@ -272,3 +275,4 @@ def check_ranges(cfg: Any) -> None:
     require(d.max_length >= 1, "data.max_length", ">= 1", d.max_length)
     one_of("data.truncation", d.truncation, ("left", "error"))
     one_of("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
+    one_of("kernels.fused_loss", str(cfg.kernels.get("fused_loss", "auto")).lower(), ("auto", "true", "false"))

@@ -117,6 +117,55 @@ def test_reference_logprobs_are_computed_once_per_rollout(monkeypatch):
     assert calls == [6]
 
 
+def _bare_context(fused_loss="auto"):
+    """A Context with only the shared-forward state (no models, no plugins)."""
+    from omegaconf import OmegaConf
+
+    from rlfuse.trainer import Context
+
+    ctx = Context.__new__(Context)
+    ctx.policy = None
+    ctx.cfg = OmegaConf.create({"kernels": {"backend": "torch", "fused_loss": fused_loss}})
+    ctx._forward_needs = {"entropy": False, "hidden": False}
+    ctx._head_readers = 0
+    ctx._logprob_readers = False
+    return ctx
+
+
+@pytest.mark.parametrize(
+    "declared, mode, want",
+    [
+        ([{"entropy": True, "head": True}, {"hidden": True}], "auto", True),  # ppo + gae's critic
+        ([{"entropy": True, "head": True}, {"logprobs": True}], "auto", False),  # + a log-prob reader
+        ([{"entropy": True, "head": True}, {"entropy": True}], "auto", False),  # + an entropy reader
+        ([{"entropy": True, "head": True}, {"logprobs": True}], "true", True),
+        ([{"entropy": True, "head": True}], "false", False),
+        ([{"head": True}, {"head": True}], "true", False),  # two head readers: no one owns the head
+        ([{"entropy": True}], "true", False),  # nobody takes head inputs
+    ],
+)
+def test_head_mode_follows_declarations(declared, mode, want, monkeypatch):
+    """The shared forward stops before the lm_head only when one plugin takes head inputs
+    and (``kernels.fused_loss=auto``) nobody else declared reading log-probs or entropy."""
+    from rlfuse import models
+    from rlfuse.data import ForwardOutput
+
+    seen = []
+
+    def fake_forward(model, batch, *, head=False, **kw):
+        seen.append(head)
+        return ForwardOutput(logprobs=batch.input_ids.float().requires_grad_())
+
+    monkeypatch.setattr(models, "forward", fake_forward)
+    ctx = _bare_context(mode)
+    for kw in declared:
+        ctx.require_forward(**kw)
+    ctx.forward(_batch())
+    with torch.no_grad():  # no-grad forwards never stop early: nothing would train on them
+        ctx.forward(_batch())
+    assert seen == [want, False]
+
+
 def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
     """What the shared forward must hold is declared at setup (``ctx.require_forward``), so
     the first loss plugin's call computes it all, whatever order pluggy calls them in; an
@@ -133,9 +182,7 @@ def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
         return ForwardOutput(logprobs=lp, entropy=lp if entropy else None, hidden=lp[..., None] if hidden else None)
 
     monkeypatch.setattr(models, "forward", fake_forward)
-    ctx = Context.__new__(Context)
-    ctx.policy = None
-    ctx._forward_needs = {"entropy": False, "hidden": False}
+    ctx = _bare_context()
     ctx.forward(_batch())
     assert calls == [(False, False)]  # entropy is no longer forced
     calls.clear()
