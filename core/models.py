@@ -300,14 +300,17 @@ def forward(
     return ForwardOutput(logprobs=lp, entropy=ent, hidden=h)
 
 
-# Whether forwards run a prompt shared by several rows once (``model.share_prefix``).
+# Whether forwards run a prompt shared by several rows once (``model.share_prefix``), and
+# pack rows that share nothing into common sequences (``model.pack``, see rlfuse.packing).
 SHARE_PREFIX = True
+PACK = False
 
 
 def configure(cfg: ModelConfig) -> None:
     """Apply the forward-pass settings of ``cfg`` (called by the trainer)."""
-    global SHARE_PREFIX
+    global SHARE_PREFIX, PACK
     SHARE_PREFIX = bool(getattr(cfg, "share_prefix", True))
+    PACK = bool(getattr(cfg, "pack", False))
 
 
 def _forward_scored(
@@ -324,8 +327,8 @@ def _forward_scored(
     score = packing.scored_positions(batch.response_mask, mask)  # (B, T)
     impl = getattr(model.config, "_attn_implementation", None)
     layout = None
-    if SHARE_PREFIX and impl in ("sdpa", "eager"):
-        layout = packing.plan_shared_prefixes(ids, mask, batch.response_mask, pos)
+    if (SHARE_PREFIX or PACK) and impl in ("sdpa", "eager"):
+        layout = packing.plan_shared_prefixes(ids, mask, batch.response_mask, pos, pack=PACK, share=SHARE_PREFIX)
     bi, ti = score.nonzero(as_tuple=True)  # scored tokens; each is predicted at t - 1
     h = None
     if layout is not None:
