@@ -50,9 +50,9 @@ class ModelConfig:
     ref_dtype: str | None = None  # frozen reference copy: null = the policy's dtype | bfloat16 | ...
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
     share_prefix: bool = True  # rows with the same prompt run it once per forward (rlfuse.packing)
-    # rows that share nothing packed into common sequences when that saves >= 15% of the
-    # positions (padding-free packing, rlfuse.packing; docs/performance.md)
-    pack: bool = True
+    # rows packed into common sequences without padding when that saves >= 15% of the positions
+    # (rlfuse.packing; faster on uneven lengths, but off by default: docs/performance.md)
+    pack: bool = False
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

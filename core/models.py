@@ -303,14 +303,14 @@ def forward(
 # Whether forwards run a prompt shared by several rows once (``model.share_prefix``), and
 # pack rows that share nothing into common sequences (``model.pack``, see rlfuse.packing).
 SHARE_PREFIX = True
-PACK = True
+PACK = False
 
 
 def configure(cfg: ModelConfig) -> None:
     """Apply the forward-pass settings of ``cfg`` (called by the trainer)."""
     global SHARE_PREFIX, PACK
     SHARE_PREFIX = bool(getattr(cfg, "share_prefix", True))
-    PACK = bool(getattr(cfg, "pack", True))
+    PACK = bool(getattr(cfg, "pack", False))
 
 
 def _forward_scored(
