@@ -172,7 +172,6 @@ def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
     undeclared call honours its own ``entropy`` argument."""
     from rlfuse import models
     from rlfuse.data import ForwardOutput
-    from rlfuse.trainer import Context
 
     calls = []
 
