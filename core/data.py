@@ -220,11 +220,11 @@ class ForwardOutput:
         self.hidden = hidden
         self.head = head
         self._head_entropy = head_entropy  # compute the entropy too when deriving from ``head``
-        self.grad = torch.is_grad_enabled() if head is not None else logprobs.requires_grad
+        self.with_grad = torch.is_grad_enabled() if head is not None else logprobs.requires_grad  # built for training
 
     def _derive(self) -> None:
         assert self.head is not None
-        with torch.set_grad_enabled(self.grad):
+        with torch.set_grad_enabled(self.with_grad):
             self._logprobs, self._entropy = self.head.logprobs(self._head_entropy)
 
     @property

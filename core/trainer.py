@@ -201,7 +201,7 @@ class Context:
             cached is None
             or (entropy and not cached.has_entropy)
             or (hidden and cached.hidden is None)
-            or torch.is_grad_enabled() != cached.grad
+            or torch.is_grad_enabled() != cached.with_grad
         ):
             head = self._head_mode() and torch.is_grad_enabled()
             cached = models.forward(self.policy, batch, entropy=entropy, hidden=hidden, head=head)
