@@ -163,6 +163,9 @@ class Context:
             ``entropy``; ``true`` does it whenever one plugin declared ``head`` (other
             readers then get log-probs computed from the head inputs); ``false`` never.
             ``entropy`` declared together with ``head`` is the head plugin's own need.
+            When no plugin declares ``logprobs``, ``entropy`` or ``head`` (``loss=bradley_terry``
+            reads hidden states only) the forward also stops before the lm_head; log-probs
+            are then computed only if read.
         """
         self._forward_needs["entropy"] |= entropy
         self._forward_needs["hidden"] |= hidden
@@ -170,10 +173,15 @@ class Context:
         self._logprob_readers |= logprobs or (entropy and not head)
 
     def _head_mode(self) -> bool:
-        """Whether the shared policy forward stops before the lm_head (see ``require_forward``)."""
+        """Whether the shared policy forward stops before the lm_head (see ``require_forward``):
+        for the one plugin that takes head inputs, or when no plugin declared reading log-probs
+        at all (a reward model reading hidden states: the lm_head then runs only if an
+        undeclared reader asks for log-probs)."""
         mode = str(self.cfg.kernels.get("fused_loss", "auto")).lower()
-        if mode == "false" or self._head_readers != 1:
+        if mode == "false" or self._head_readers > 1:
             return False
+        if self._head_readers == 0:
+            return not self._logprob_readers
         return mode == "true" or not self._logprob_readers
 
     def forward(

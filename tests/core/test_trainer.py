@@ -141,7 +141,10 @@ def _bare_context(fused_loss="auto"):
         ([{"entropy": True, "head": True}, {"logprobs": True}], "true", True),
         ([{"entropy": True, "head": True}], "false", False),
         ([{"head": True}, {"head": True}], "true", False),  # two head readers: no one owns the head
-        ([{"entropy": True}], "true", False),  # nobody takes head inputs
+        ([{"entropy": True}], "true", False),  # an entropy reader, nobody takes head inputs
+        ([{"logprobs": True}, {"hidden": True}], "auto", False),  # loss=sft-like reader
+        ([{"hidden": True}], "auto", True),  # a reward model: nobody reads log-probs, no lm_head
+        ([{"hidden": True}], "false", False),
     ],
 )
 def test_head_mode_follows_declarations(declared, mode, want, monkeypatch):
@@ -191,3 +194,46 @@ def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
     ctx.forward(b)  # ppo's loss first: computes hidden states too
     ctx.forward(b, hidden=True)  # gae's loss: served from the cache
     assert calls == [(True, True)]
+
+
+def test_hidden_only_forward_skips_the_lm_head_until_logprobs_are_read(monkeypatch):
+    """A reward model's training forward (only ``hidden`` declared) stops before the lm_head:
+    same hidden states and gradients as the full forward, no log-softmax unless a plugin
+    reads ``out.logprobs`` -- which then gives the full forward's numbers."""
+    from rlfuse import models
+    from rlfuse.config import ModelConfig
+    from rlfuse.data import HeadInputs
+
+    torch.manual_seed(0)
+    policy = models.build_tiny_model(ModelConfig(), models.build_tiny_tokenizer(), seed=0)
+    ids = torch.randint(4, 90, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    batch = Batch(ids, mask, (torch.arange(9) >= 4).float().expand(3, 9) * mask)
+    calls = []
+    real = HeadInputs.logprobs
+    monkeypatch.setattr(HeadInputs, "logprobs", lambda self, e: calls.append(e) or real(self, e))
+
+    def run(mode):
+        ctx = _bare_context(mode)
+        ctx.policy = policy
+        ctx.require_forward(hidden=True)
+        part = batch.select(torch.arange(3))
+        policy.zero_grad(set_to_none=True)
+        out = ctx.forward(part)
+        (out.hidden * mask[..., None]).sum().backward()
+        grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
+        return out, grads
+
+    calls.clear()
+    lazy, g_lazy = run("auto")
+    assert lazy.head is not None and calls == []  # the lm_head never ran
+    eager, g_eager = run("false")
+    assert eager.head is None and len(calls) == 1
+    torch.testing.assert_close(lazy.hidden, eager.hidden)
+    assert g_lazy.keys() == g_eager.keys()
+    for k in g_lazy:
+        torch.testing.assert_close(g_lazy[k], g_eager[k], msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(lazy.logprobs, eager.logprobs)  # an undeclared reader
+    assert len(calls) == 2
