@@ -2,6 +2,7 @@
 
     python tests/benchmarks/bench_fused_loss.py [--model tiny|head|DIR] [--repeats 3] [--iters 4]
     python tests/benchmarks/bench_fused_loss.py --steps 4 [--repeats 3]      (whole PPO steps)
+    python tests/benchmarks/bench_fused_loss.py --rm [--model head]          (reward-model forward)
 
 A benchmark, not a test. Variants (``kernels.fused_loss``):
 
@@ -19,6 +20,11 @@ the trainer calls it. ``--model``: ``tiny`` (the built-in model, vocabulary 100)
 case, random weights), or a ``save_pretrained`` folder. Step mode (``--steps N``): whole
 ``algo=ppo`` jobs on the tiny model (generation, rewards, GAE, 4 epochs), N timed steps after
 one warm-up, each variant in a fresh process.
+
+``--rm``: a reward model's training forward (``loss=bradley_terry`` declares only hidden
+states): 4 pairs, a 40-token prompt, answers of 4-16 tokens, forward + a scalar head on the last
+token + backward; ``false`` computes the (unused) log-probs as before, ``auto`` stops before the
+lm_head.
 
 Prints medians over ``--repeats`` alternating repetitions of wall and CPU seconds (process
 time, all threads: steadier than wall time on a shared machine).
@@ -132,6 +138,52 @@ def micro(args) -> None:
               f"{', '.join(f'{w:.4f}' for w in walls)} |")  # fmt: skip
 
 
+def rm(args) -> None:
+    from omegaconf import OmegaConf
+
+    from rlfuse.data import Batch
+    from rlfuse.plugins._data.records import pack
+    from rlfuse.trainer import Context
+
+    torch.set_num_threads(args.threads)
+    model, vocab = build_model(args.model)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, vocab, (40,), generator=g).tolist() for _ in range(4)]
+    answers = [torch.randint(4, vocab, (int(n),), generator=g).tolist() for n in torch.randint(4, 17, (8,), generator=g)]
+    batch = Batch(*pack(prompts * 2, answers, pad_id=0))
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+
+    def step(mode: str) -> None:
+        ctx = Context.__new__(Context)
+        ctx.policy = model
+        ctx.cfg = OmegaConf.create({"kernels": {"backend": "auto", "fused_loss": mode}})
+        ctx._forward_needs = {"entropy": False, "hidden": False}
+        ctx._head_readers, ctx._logprob_readers = 0, False
+        ctx.require_forward(hidden=True)  # what loss=bradley_terry declares
+        part = batch.select(torch.arange(len(batch)))
+        model.zero_grad(set_to_none=True)
+        h = ctx.forward(part).hidden
+        head(h[torch.arange(len(batch)), part.attention_mask.sum(1) - 1]).sum().backward()
+
+    variants = {"log-probs computed (false)": "false", "stops before the lm_head (auto)": "auto"}
+    for mode in variants.values():
+        step(mode)
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, mode in variants.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.iters):
+                step(mode)
+            times[name].append(((time.perf_counter() - w0) / args.iters, (time.process_time() - c0) / args.iters))
+    print(f"reward-model forward, model={args.model} vocab={vocab} rows={len(batch)} threads={args.threads}")
+    print("| variant | fwd+bwd wall s (median) | CPU s (median) | all repeats (wall) |")
+    print("|---|---|---|---|")
+    for name, t in times.items():
+        walls, cpus = [w for w, _ in t], [c for _, c in t]
+        print(f"| {name} | {statistics.median(walls):.4f} | {statistics.median(cpus):.4f} | "
+              f"{', '.join(f'{w:.4f}' for w in walls)} |")  # fmt: skip
+
+
 def step_child(mode: str, steps: int, threads: int) -> None:
     from hydra import compose, initialize_config_module
 
@@ -177,10 +229,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--rm", action="store_true", help="the reward-model forward instead")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         step_child(a.child, a.steps, a.threads)
+    elif a.rm:
+        rm(a)
     elif a.steps:
         steps(a)
     else:
