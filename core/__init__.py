@@ -17,10 +17,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pluggy  # noqa: E402
 
-from rlfuse.data import Advantages, Batch, ForwardOutput, LossOutput
+from rlfuse.data import Advantages, Batch, ForwardOutput, HeadInputs, LossOutput
 
 __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("rlfuse")
 
-__all__ = ["Advantages", "Batch", "ForwardOutput", "LossOutput", "hookimpl", "__version__"]
+__all__ = ["Advantages", "Batch", "ForwardOutput", "HeadInputs", "LossOutput", "hookimpl", "__version__"]

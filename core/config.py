@@ -50,6 +50,9 @@ class ModelConfig:
     ref_dtype: str | None = None  # frozen reference copy: null = the policy's dtype | bfloat16 | ...
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
     share_prefix: bool = True  # rows with the same prompt run it once per forward (rlfuse.packing)
+    # rows packed into common sequences without padding when that saves >= 15% of the positions
+    # (rlfuse.packing; faster on uneven lengths, but off by default: docs/performance.md)
+    pack: bool = False
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -129,6 +132,9 @@ class AlgoConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto | triton | torch
+    # auto | true | false: a loss plugin that can (loss=ppo) computes its term from the final
+    # hidden states + lm_head in one fused kernel when it is the only reader of the log-probs
+    fused_loss: str = "auto"
 
 
 @dataclass
@@ -273,3 +279,4 @@ def check_ranges(cfg: Any) -> None:
     require(d.max_length >= 1, "data.max_length", ">= 1", d.max_length)
     one_of("data.truncation", d.truncation, ("left", "error"))
     one_of("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
+    one_of("kernels.fused_loss", str(cfg.kernels.get("fused_loss", "auto")).lower(), ("auto", "true", "false"))

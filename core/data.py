@@ -143,9 +143,106 @@ class LossOutput:
 
 
 @dataclass
-class ForwardOutput:
-    """The policy's forward pass on a batch (see :meth:`rlfuse.trainer.Context.forward`)."""
+class HeadInputs:
+    """The policy's forward stopped before the lm_head's log-softmax (:meth:`Context.forward`
+    with ``head=True``): what a loss plugin that fuses the lm_head, the log-softmax and its own
+    loss into one pass needs (``loss=ppo`` with :func:`rlfuse.kernels.linear_policy_loss`).
 
-    logprobs: Tensor  # (B, T) fp32, aligned with input_ids (column 0 is 0)
-    entropy: Tensor | None = None  # (B, T) fp32
-    hidden: Tensor | None = None  # (B, T, H) final hidden states (after the last norm)
+    Two layouts, one API. *Rows* (``hidden`` and ``weight`` set, the usual one): the final hidden
+    state predicting each scored token, ``(N, H)``, and the lm_head; the full logits never exist.
+    *Logits* (``logits`` set; a model whose logits are not ``hidden @ lm_head.T``): the model's
+    ``(B, T, V)`` logits, ``logits[:, t]`` predicting ``labels[:, t]``. :meth:`take` maps any
+    token-aligned ``(B, T)`` tensor of the batch into the layout of ``labels``; :meth:`put` maps
+    a result back.
+    """
+
+    labels: Tensor  # (N,) rows layout or (B, T) logits layout; -100 = not scored
+    shape: tuple[int, int]  # (B, T) of the batch
+    index: tuple[Tensor, Tensor] | None = None  # rows layout: (row, column) of each scored token
+    hidden: Tensor | None = None  # (N, H) rows layout, with grad
+    weight: Tensor | None = None  # (V, H) lm_head weight
+    bias: Tensor | None = None  # (V,) lm_head bias or None
+    logits: Tensor | None = None  # (B, T, V) logits layout, with grad
+    temperature: float = 1.0
+
+    def take(self, x: Tensor) -> Tensor:
+        """A token-aligned (B, T) tensor in the layout of ``labels``."""
+        if self.index is not None:
+            return x[self.index]
+        return torch.cat([x[:, 1:], x.new_zeros(x.shape[0], 1)], dim=1)  # column t predicts t + 1
+
+    def put(self, values: Tensor) -> Tensor:
+        """``values`` in the layout of ``labels`` back to a token-aligned (B, T) fp32 tensor, 0
+        where nothing is scored."""
+        B, T = self.shape
+        if self.index is not None:
+            return values.new_zeros((B, T), dtype=torch.float32).index_put(self.index, values.float())
+        scored = (self.labels != -100).float()
+        return torch.cat([values.new_zeros((B, 1), dtype=torch.float32), (values.float() * scored)[:, :-1]], dim=1)
+
+    def logprobs(self, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Token log-probs (and entropy) as (B, T) fp32, the way the plain forward computes them."""
+        from rlfuse.kernels import linear_token_logprobs, token_logprobs
+
+        if self.logits is not None:
+            res = token_logprobs(self.logits, self.labels, temperature=self.temperature, return_entropy=entropy)
+        else:
+            res = linear_token_logprobs(
+                self.hidden, self.weight, self.labels, bias=self.bias, temperature=self.temperature,
+                return_entropy=entropy,
+            )  # fmt: skip
+        lp, ent = res if entropy else (res, None)
+        return self.put(lp), (self.put(ent) if ent is not None else None)
+
+
+class ForwardOutput:
+    """The policy's forward pass on a batch (see :meth:`rlfuse.trainer.Context.forward`).
+
+    * ``logprobs``: (B, T) fp32, aligned with input_ids (column 0 is 0);
+    * ``entropy``: (B, T) fp32 or None;
+    * ``hidden``: (B, T, H) final hidden states (after the last norm) or None;
+    * ``head``: :class:`HeadInputs` when the forward stopped before the lm_head. Log-probs
+      and entropy are then computed from it when first read (a plugin that reads them anyway
+      gets the same numbers; the model itself does not run again).
+    """
+
+    def __init__(
+        self,
+        logprobs: Tensor | None = None,
+        entropy: Tensor | None = None,
+        hidden: Tensor | None = None,
+        head: HeadInputs | None = None,
+        head_entropy: bool = False,
+    ) -> None:
+        if logprobs is None and head is None:
+            raise ValueError("ForwardOutput needs logprobs or head inputs")
+        self._logprobs, self._entropy = logprobs, entropy
+        self.hidden = hidden
+        self.head = head
+        self._head_entropy = head_entropy  # compute the entropy too when deriving from ``head``
+        self.with_grad = torch.is_grad_enabled() if head is not None else logprobs.requires_grad  # built for training
+
+    def _derive(self) -> None:
+        assert self.head is not None
+        with torch.set_grad_enabled(self.with_grad):
+            self._logprobs, self._entropy = self.head.logprobs(self._head_entropy)
+
+    @property
+    def logprobs(self) -> Tensor:
+        if self._logprobs is None:
+            self._derive()
+        return self._logprobs  # type: ignore[return-value]
+
+    @property
+    def entropy(self) -> Tensor | None:
+        if self._logprobs is None and self._head_entropy:
+            self._derive()
+        return self._entropy
+
+    @property
+    def has_entropy(self) -> bool:
+        """Whether ``entropy`` is (or will be, on first read) set, without computing it."""
+        return self._entropy is not None or (self._logprobs is None and self._head_entropy)
+
+    def __repr__(self) -> str:
+        return f"ForwardOutput(head={self.head is not None}, hidden={self.hidden is not None})"

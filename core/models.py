@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rlfuse.config import ModelConfig
-from rlfuse.data import Batch, ForwardOutput
+from rlfuse.data import Batch, ForwardOutput, HeadInputs
 from rlfuse.errors import ConfigError, RlfuseError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -278,6 +278,7 @@ def forward(
     entropy: bool = False,
     hidden: bool = False,
     temperature: float = 1.0,
+    head: bool = False,
 ) -> ForwardOutput:
     """Token log-probs of ``batch.input_ids`` under ``model``, aligned with the tokens.
 
@@ -287,71 +288,73 @@ def forward(
     all-padding columns dropped and a prompt shared by several rows run once
     (:mod:`rlfuse.packing`); log-probs and entropy outside ``response_mask`` are then 0.
     Otherwise the logits go through :func:`rlfuse.kernels.token_logprobs`.
+    With ``head=True`` the forward stops before the lm_head's log-softmax: the result holds
+    :class:`~rlfuse.data.HeadInputs` (hidden rows + lm_head, or the logits) and computes
+    log-probs (and, with ``entropy``, the entropy) from them only when they are read.
     """
     from rlfuse.fsdp import root_of
 
     root = root_of(model)
     if root is not None:  # sharded (trainer.strategy=fsdp): gather the root parameters around it all
-        return root(_forward, model, batch, entropy=entropy, hidden=hidden, temperature=temperature)
-    return _forward(model, batch, entropy=entropy, hidden=hidden, temperature=temperature)
+        return root(_forward, model, batch, entropy=entropy, hidden=hidden, temperature=temperature, head=head)
+    return _forward(model, batch, entropy=entropy, hidden=hidden, temperature=temperature, head=head)
 
 
-def _forward(model: nn.Module, batch: Batch, *, entropy: bool, hidden: bool, temperature: float) -> ForwardOutput:
-    from rlfuse.kernels import token_logprobs
-
+def _forward(
+    model: nn.Module, batch: Batch, *, entropy: bool, hidden: bool, temperature: float, head: bool = False
+) -> ForwardOutput:
     if isinstance(model, AdapterDisabled):  # a LoRA policy's reference: the base alone
         with model.peft_model.disable_adapter():
-            return forward(model.peft_model, batch, entropy=entropy, hidden=hidden, temperature=temperature)
+            return forward(model.peft_model, batch, entropy=entropy, hidden=hidden, temperature=temperature, head=head)
     if is_peft(model):  # the wrapped transformers model (adapters injected in its layers)
         model = model.get_base_model()
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids(mask)
-    # (B, T-1); a row's first real token has no prediction (padding before it): not scored
-    labels = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
-    h = None
     if _from_hidden_ok(model):
-        return _forward_scored(model, batch, pos, entropy=entropy, hidden=hidden, temperature=temperature)
+        inputs, h = _forward_scored(model, batch, pos, hidden=hidden, temperature=temperature)
     else:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=hidden)
-        if hidden:
-            h = out.hidden_states[-1]
-        # full logits with the labels shifted (last position ignored): no logits-sized copy
-        shifted = torch.cat([labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)  # (B, T)
-        res = token_logprobs(out.logits, shifted, temperature=temperature, return_entropy=entropy)
-        res = tuple(x[:, :-1] for x in res) if entropy else res[:, :-1]
-    lp, ent = (res if entropy else (res, None))
-    pad = lp.new_zeros(lp.shape[0], 1)
-    lp = torch.cat([pad, lp], dim=1)  # (B, T)
-    if ent is not None:
-        ent = torch.cat([pad, ent], dim=1)
+        h = out.hidden_states[-1] if hidden else None
+        # (B, T): column t holds the token t + 1 that logits[:, t] predicts; a row's first real
+        # token has no prediction (padding before it) and the last column none: not scored
+        nxt = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
+        labels = torch.cat([nxt, nxt.new_full((nxt.shape[0], 1), -100)], dim=1)
+        inputs = HeadInputs(labels=labels, shape=tuple(ids.shape), logits=out.logits, temperature=temperature)
+    if head:
+        return ForwardOutput(hidden=h, head=inputs, head_entropy=entropy)
+    lp, ent = inputs.logprobs(entropy)
     return ForwardOutput(logprobs=lp, entropy=ent, hidden=h)
 
 
-# Whether forwards run a prompt shared by several rows once (``model.share_prefix``).
+# Whether forwards run a prompt shared by several rows once (``model.share_prefix``), and
+# pack rows that share nothing into common sequences (``model.pack``, see rlfuse.packing).
 SHARE_PREFIX = True
+PACK = False
 
 
 def configure(cfg: ModelConfig) -> None:
     """Apply the forward-pass settings of ``cfg`` (called by the trainer)."""
-    global SHARE_PREFIX
+    global SHARE_PREFIX, PACK
     SHARE_PREFIX = bool(getattr(cfg, "share_prefix", True))
+    PACK = bool(getattr(cfg, "pack", False))
 
 
 def _forward_scored(
-    model: nn.Module, batch: Batch, pos: torch.Tensor, *, entropy: bool, hidden: bool, temperature: float
-) -> ForwardOutput:
-    """The hidden-states path of :func:`forward`: lm_head and log-softmax at scored positions
-    only, padding columns dropped, shared prompts run once (see :mod:`rlfuse.packing`)."""
+    model: nn.Module, batch: Batch, pos: torch.Tensor, *, hidden: bool, temperature: float
+) -> tuple[HeadInputs, torch.Tensor | None]:
+    """The hidden-states path of :func:`forward`: the trunk's final hidden states at the
+    scored positions only, padding columns dropped, shared prompts run once (see
+    :mod:`rlfuse.packing`), as head inputs in the rows layout; and (B, T, H) hidden states
+    when asked."""
     from rlfuse import packing
-    from rlfuse.kernels import linear_token_logprobs
 
     ids, mask = batch.input_ids, batch.attention_mask
     B, T = ids.shape
     score = packing.scored_positions(batch.response_mask, mask)  # (B, T)
     impl = getattr(model.config, "_attn_implementation", None)
     layout = None
-    if SHARE_PREFIX and impl in ("sdpa", "eager"):
-        layout = packing.plan_shared_prefixes(ids, mask, batch.response_mask, pos)
+    if (SHARE_PREFIX or PACK) and impl in ("sdpa", "eager"):
+        layout = packing.plan_shared_prefixes(ids, mask, batch.response_mask, pos, pack=PACK, share=SHARE_PREFIX)
     bi, ti = score.nonzero(as_tuple=True)  # scored tokens; each is predicted at t - 1
     h = None
     if layout is not None:
@@ -373,12 +376,9 @@ def _forward_scored(
         rows = hc[bi, ti - 1 - cols.start]  # (N, H)
         if hidden:
             h = torch.nn.functional.pad(hc, (0, 0, cols.start, T - cols.stop))  # (B, T, H)
-    head = model.get_output_embeddings()
-    res = linear_token_logprobs(
-        rows, head.weight, ids[bi, ti], bias=head.bias, temperature=temperature, return_entropy=entropy,
-    )
-    lp_rows, ent_rows = (res if entropy else (res, None))
-    zeros = torch.zeros((B, T), dtype=torch.float32, device=ids.device)
-    lp = zeros.index_put((bi, ti), lp_rows.float())
-    ent = zeros.index_put((bi, ti), ent_rows.float()) if ent_rows is not None else None
-    return ForwardOutput(logprobs=lp, entropy=ent, hidden=h)
+    lm_head = model.get_output_embeddings()
+    inputs = HeadInputs(
+        labels=ids[bi, ti], shape=(B, T), index=(bi, ti), hidden=rows, weight=lm_head.weight,
+        bias=lm_head.bias, temperature=temperature,
+    )  # fmt: skip
+    return inputs, h

@@ -73,20 +73,28 @@ class SharedLayout:
 
 def plan_shared_prefixes(
     input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, position_ids: Tensor,
-    min_saving: float = MIN_SAVING,
+    min_saving: float = MIN_SAVING, pack: bool = False, share: bool = True,
 ) -> SharedLayout | None:
     """Group rows whose tokens before their first response token are equal; ``None`` when no
-    prompt is shared or packing saves less than ``min_saving`` of the positions.
+    prompt is shared (and ``pack`` is off) or the layout saves less than ``min_saving`` of the
+    positions of the padded batch (its all-padding columns dropped).
 
     A row's *prefix* is its real tokens before the first response token, its *answer* the real
     tokens from there on. Real tokens must be contiguous in each row (left or right padding).
+
+    With ``pack``, groups -- a shared prompt with its answers, or a row that shares nothing --
+    are also placed one after another in the same packed sequence (first-fit by decreasing
+    length, no sequence longer than the longest group): padding-free packing with
+    per-sequence position ids and a block-diagonal mask, so rows of very uneven length stop
+    paying for each other's padding. ``share=False`` packs without sharing prompts (each row
+    its own group).
     """
     B, T = input_ids.shape
     attn = (attention_mask > 0).cpu()
     resp = (response_mask > 0).cpu()
     ids_cpu = input_ids.cpu()
-    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-    prefixes: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+    prefixes: dict[tuple, list[int]] = {}
     for b in range(B):
         real = attn[b].nonzero().squeeze(-1).tolist()
         if not real:
@@ -94,50 +102,74 @@ def plan_shared_prefixes(
         if real[-1] - real[0] + 1 != len(real):
             return None  # holes in a row: not a layout this packs
         first = resp[b].nonzero()
-        start = int(first[0]) if first.numel() else real[-1] + 1
-        prefix = [t for t in real if t < start]
+        start = int(first[0]) if first.numel() and share else real[-1] + 1
+        prefix = [t for t in real if t < start]  # without sharing: the whole row, no answer
         answer = [t for t in real if t >= start]
-        key = tuple(ids_cpu[b, prefix].tolist())
+        key = tuple(ids_cpu[b, prefix].tolist()) if share else (b, -1)  # -1: never a token id
         groups.setdefault(key, []).append((b, answer))
         prefixes.setdefault(key, prefix and [b, *prefix])  # the row and columns of one copy
-    shared = [k for k, rows in groups.items() if len(rows) > 1 and len(k) > 0]
-    if not shared:
+    shared = [k for k, rows in groups.items() if len(rows) > 1 and len(prefixes[k]) > 0]
+    if not shared and not pack:
         return None
-    lengths = [len(k) + sum(len(a) for _, a in rows) for k, rows in groups.items()]
-    G, L = len(groups), max(lengths)
-    if G * L > (1 - min_saving) * B * T:
+    keys = list(groups)
+    plen = {k: max(0, len(prefixes[k]) - 1) for k in keys}  # prefix tokens of each group
+    lengths = [plen[k] + sum(len(a) for _, a in groups[k]) for k in keys]
+    # bins[g] = the groups (indices into keys) laid out one after another in packed sequence g
+    if pack:
+        cap = max(lengths)
+        bins: list[list[int]] = []
+        fill: list[int] = []
+        for i in sorted(range(len(keys)), key=lambda i: -lengths[i]):
+            g = next((g for g, f in enumerate(fill) if f + lengths[i] <= cap), None)
+            if g is None:
+                bins.append([i])
+                fill.append(lengths[i])
+            else:
+                bins[g].append(i)
+                fill[g] += lengths[i]
+    else:
+        bins, fill = [[i] for i in range(len(keys))], lengths
+    G, L = len(bins), max(fill)
+    cols = trim_columns(attention_mask)
+    if G * L > (1 - min_saving) * B * (cols.stop - cols.start):
         return None
 
     dev = input_ids.device
     ids = torch.zeros((G, L), dtype=input_ids.dtype)
     pos = torch.zeros((G, L), dtype=position_ids.dtype)
-    seg = torch.full((G, L), -1, dtype=torch.long)  # 0 = prefix, i = answer i, -1 = padding
+    grp = torch.full((G, L), -1, dtype=torch.long)  # which group a position belongs to, -1 = padding
+    seg = torch.full((G, L), -1, dtype=torch.long)  # 0 = the group's prefix, i = its answer i
     where = torch.full((B, T), -1, dtype=torch.long)
     pos_cpu = position_ids.cpu()
-    for g, (key, rows) in enumerate(groups.items()):
-        n = len(key)
-        if n:
-            b0, cols = prefixes[key][0], prefixes[key][1:]
-            ids[g, :n] = ids_cpu[b0, cols]
-            pos[g, :n] = pos_cpu[b0, cols]
-            seg[g, :n] = 0
-            for b, _ in rows:  # every row's prompt tokens map to the one shared copy
-                real = attn[b].nonzero().squeeze(-1)
-                pcols = real[: n]
-                where[b, pcols] = g * L + torch.arange(n)
-        at = n
-        for i, (b, answer) in enumerate(rows, 1):
-            k = len(answer)
-            if k:
-                ids[g, at : at + k] = ids_cpu[b, answer]
-                pos[g, at : at + k] = pos_cpu[b, answer]
-                seg[g, at : at + k] = i
-                where[b, answer] = g * L + at + torch.arange(k)
-            at += k
+    for g, members in enumerate(bins):
+        at = 0
+        for gi in members:
+            key, rows = keys[gi], groups[keys[gi]]
+            n = plen[key]
+            if n:
+                b0, pcols = prefixes[key][0], prefixes[key][1:]
+                ids[g, at : at + n] = ids_cpu[b0, pcols]
+                pos[g, at : at + n] = pos_cpu[b0, pcols]
+                seg[g, at : at + n] = 0
+                grp[g, at : at + n] = gi
+                for b, _ in rows:  # every row's prompt tokens map to the one shared copy
+                    real = attn[b].nonzero().squeeze(-1)
+                    where[b, real[:n]] = g * L + at + torch.arange(n)
+            at += n
+            for i, (b, answer) in enumerate(rows, 1):
+                k = len(answer)
+                if k:
+                    ids[g, at : at + k] = ids_cpu[b, answer]
+                    pos[g, at : at + k] = pos_cpu[b, answer]
+                    seg[g, at : at + k] = i
+                    grp[g, at : at + k] = gi
+                    where[b, answer] = g * L + at + torch.arange(k)
+                at += k
     q = torch.arange(L)
     causal = q[None, :] <= q[:, None]  # (L, L): key j <= query i
     sq, sk = seg[:, :, None], seg[:, None, :]  # (G, L, 1), (G, 1, L)
-    allowed = causal & (((sk == 0) & (sq >= 0)) | (sk == sq))  # padding queries see themselves
+    same = grp[:, :, None] == grp[:, None, :]  # block-diagonal: a group sees only itself
+    allowed = causal & same & (((sk == 0) & (sq >= 0)) | (sk == sq))  # padding queries see padding
     return SharedLayout(
         input_ids=ids.to(dev),
         position_ids=pos.to(dev),

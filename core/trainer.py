@@ -74,6 +74,8 @@ class Context:
         self._reference_version = 0
         self._initial_policy: Any = None  # set by a resume: rebuilds the policy as it started
         self._forward_needs = {"entropy": False, "hidden": False}
+        self._head_readers = 0  # plugins that take head inputs instead of log-probs
+        self._logprob_readers = False  # a plugin declared it reads log-probs (or entropy) itself
         self._train_records: list[Any] = []
         self.metrics: dict[str, float] = {}  # extra metrics for the current step
         self.reward_weights: dict[str, float] = {}
@@ -150,14 +152,46 @@ class Context:
         return groups
 
     # -- the shared forward pass -------------------------------------------------------
-    def require_forward(self, *, entropy: bool = False, hidden: bool = False) -> None:
+    def require_forward(
+        self, *, entropy: bool = False, hidden: bool = False, logprobs: bool = False, head: bool = False
+    ) -> None:
         """Declare, from a plugin's ``setup``, what the shared policy forward must produce.
 
         The first ``ctx.forward(batch)`` of a micro-batch then computes everything every
         plugin declared, whatever order pluggy calls the loss plugins in.
+
+        :param entropy: the plugin reads ``out.entropy``.
+        :param hidden: the plugin reads ``out.hidden`` (B, T, H).
+        :param logprobs: the plugin reads ``out.logprobs`` (declare it: it tells the core
+            whether a plugin taking head inputs is the only reader of the log-probs).
+        :param head: the plugin can compute its term from ``out.head``
+            (:class:`~rlfuse.data.HeadInputs`: hidden rows + lm_head, or logits) instead of
+            the log-probs, fusing lm_head, log-softmax and its loss (``loss=ppo``). With
+            ``kernels.fused_loss=auto`` the shared forward stops before the lm_head when
+            exactly one plugin declared ``head`` and no other declared ``logprobs`` or
+            ``entropy``; ``true`` does it whenever one plugin declared ``head`` (other
+            readers then get log-probs computed from the head inputs); ``false`` never.
+            ``entropy`` declared together with ``head`` is the head plugin's own need.
+            When no plugin declares ``logprobs``, ``entropy`` or ``head`` (``loss=bradley_terry``
+            reads hidden states only) the forward also stops before the lm_head; log-probs
+            are then computed only if read.
         """
         self._forward_needs["entropy"] |= entropy
         self._forward_needs["hidden"] |= hidden
+        self._head_readers += int(head)
+        self._logprob_readers |= logprobs or (entropy and not head)
+
+    def _head_mode(self) -> bool:
+        """Whether the shared policy forward stops before the lm_head (see ``require_forward``):
+        for the one plugin that takes head inputs, or when no plugin declared reading log-probs
+        at all (a reward model reading hidden states: the lm_head then runs only if an
+        undeclared reader asks for log-probs)."""
+        mode = str(self.cfg.kernels.get("fused_loss", "auto")).lower()
+        if mode == "false" or self._head_readers > 1:
+            return False
+        if self._head_readers == 0:
+            return not self._logprob_readers
+        return mode == "true" or not self._logprob_readers
 
     def forward(
         self,
@@ -171,7 +205,9 @@ class Context:
 
         With ``model=None`` (the policy, with gradients) the result is computed once per
         micro-batch and shared by every loss plugin; it holds what was asked here plus what
-        the plugins declared with :meth:`require_forward`.
+        the plugins declared with :meth:`require_forward`, and ``out.head`` (head inputs,
+        log-probs computed from them only when read) when a plugin declared ``head`` and the
+        core chose to stop the forward before the lm_head.
         """
         if model is not None:
             return models.forward(model, batch, entropy=entropy, hidden=hidden)
@@ -180,11 +216,12 @@ class Context:
         cached: ForwardOutput | None = batch.cache.get("forward")
         if (
             cached is None
-            or (entropy and cached.entropy is None)
+            or (entropy and not cached.has_entropy)
             or (hidden and cached.hidden is None)
-            or torch.is_grad_enabled() != cached.logprobs.requires_grad
+            or torch.is_grad_enabled() != cached.with_grad
         ):
-            cached = models.forward(self.policy, batch, entropy=entropy, hidden=hidden)
+            head = self._head_mode() and torch.is_grad_enabled()
+            cached = models.forward(self.policy, batch, entropy=entropy, hidden=hidden, head=head)
             batch.cache["forward"] = cached
         return cached
 

@@ -11,6 +11,7 @@ from .logprobs import linear_token_logprobs, token_logprobs
 from .policy_loss import (
     PolicyLossConfig,
     PolicyLossOutput,
+    aggregation_weights,
     clipped_policy_loss,
     fused_policy_loss,
     linear_policy_loss,
@@ -20,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "PolicyLossConfig",
     "PolicyLossOutput",
+    "aggregation_weights",
     "clipped_policy_loss",
     "fused_policy_loss",
     "get_default_backend",

@@ -67,6 +67,7 @@ __all__ = [
     "fused_policy_loss",
     "linear_policy_loss",
     "clipped_policy_loss_reference",
+    "aggregation_weights",
 ]
 
 AGGREGATIONS = (
@@ -235,6 +236,22 @@ def clipped_policy_loss_reference(
 # ----------------------------------------------------------------------------------------------
 # Aggregation weights (shared by every backend)
 # ----------------------------------------------------------------------------------------------
+
+
+def aggregation_weights(
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(..., T) mask -> fp32 weights ``w`` of the same shape with ``loss = sum(tok * w)``.
+
+    For callers that hand the fused ops the tokens in another layout than (sequences, T)
+    -- only the scored tokens, flattened -- and pass ``weights=aggregation_weights(...)``
+    gathered the same way: the seq-mean aggregations need the sequence structure.
+    """
+    rows = (1, mask.shape[0]) if mask.dim() == 1 else (-1, mask.shape[-1])
+    return _weights(mask.reshape(rows).float(), config, num_tokens, num_seqs).reshape(mask.shape)
 
 
 def _weights(m: torch.Tensor, cfg: PolicyLossConfig, num_tokens, num_seqs) -> torch.Tensor:
@@ -676,7 +693,8 @@ def _flat_f32(t: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
 
 
 def _prepare(
-    shape, mask, old_logprobs, advantages, ref_logprobs, cfg, num_tokens, num_seqs, device
+    shape, mask, old_logprobs, advantages, ref_logprobs, cfg, num_tokens, num_seqs, device,
+    weights=None,
 ):
     """Flat fp32 constants + aggregation weights for token shape ``shape`` (..., T)."""
     rows = (1, shape[0]) if len(shape) == 1 else (-1, shape[-1])
@@ -684,7 +702,10 @@ def _prepare(
         m2 = torch.ones(shape, dtype=torch.float32, device=device).reshape(rows)
     else:
         m2 = torch.broadcast_to(mask, shape).reshape(rows).float()
-    w = _weights(m2, cfg, num_tokens, num_seqs).reshape(-1).contiguous()
+    if weights is None:
+        w = _weights(m2, cfg, num_tokens, num_seqs).reshape(-1).contiguous()
+    else:  # the caller's (aggregation_weights in its own layout); unused where the mask is 0
+        w = _flat_f32(weights.detach(), shape, "weights")
     m = m2.reshape(-1).contiguous()
     old = _flat_f32(old_logprobs.detach(), shape, "old_logprobs")
     adv = _flat_f32(advantages.detach(), shape, "advantages")
@@ -772,6 +793,7 @@ def fused_policy_loss(
     num_seqs: float | torch.Tensor | None = None,
     return_entropy: bool | None = None,
     inplace_backward: bool = False,
+    weights: torch.Tensor | None = None,
     backend: str | None = None,
     **options,
 ) -> PolicyLossOutput:
@@ -784,6 +806,10 @@ def fused_policy_loss(
     :param logits: (..., V); :param labels: (...) — e.g. (B, T, V) and (B, T).
     :param return_entropy: compute the entropy (default: only when ``entropy_coef != 0``);
         it then feeds the entropy bonus and the ``entropy`` stat.
+    :param weights: per-token aggregation weights in the labels' shape (from
+        :func:`aggregation_weights` on the tokens' (sequences, T) layout); when given, they
+        replace ``aggregation`` / ``num_tokens`` / ``num_seqs`` (stats still average over
+        the mask). For tokens passed as a flat (N,) selection of a batch.
     Other parameters as :func:`token_logprobs` and :func:`clipped_policy_loss`.
     :returns: :class:`PolicyLossOutput` with ``logprobs`` (labels' shape, detached).
     """
@@ -801,7 +827,7 @@ def fused_policy_loss(
     lopts = LogprobOptions(float(temperature), int(ignore_index), need_ent, bool(inplace_backward))
     shape = labels.shape
     m, w, old, adv, ref = _prepare(shape, _token_mask(labels, mask, ignore_index), old_logprobs, advantages,
-                                   ref_logprobs, cfg, num_tokens, num_seqs, logits.device)  # fmt: skip
+                                   ref_logprobs, cfg, num_tokens, num_seqs, logits.device, weights)  # fmt: skip
     x = _prep_rows(logits.reshape(-1, V))
     loss, stats, logp = FusedPolicyLossFunction.apply(
         x, labels.reshape(-1), old, adv, ref, m, w, lopts, cfg, name
@@ -826,6 +852,7 @@ def linear_policy_loss(
     num_seqs: float | torch.Tensor | None = None,
     return_entropy: bool | None = None,
     chunk_size: int | None = None,
+    weights: torch.Tensor | None = None,
     backend: str | None = None,
     **options,
 ) -> PolicyLossOutput:
@@ -853,7 +880,7 @@ def linear_policy_loss(
     lopts = LogprobOptions(float(temperature), int(ignore_index), need_ent, False)
     shape = labels.shape
     m, w, old, adv, ref = _prepare(shape, _token_mask(labels, mask, ignore_index), old_logprobs, advantages,
-                                   ref_logprobs, cfg, num_tokens, num_seqs, hidden.device)  # fmt: skip
+                                   ref_logprobs, cfg, num_tokens, num_seqs, hidden.device, weights)  # fmt: skip
     h = hidden.reshape(-1, H)
     rows = linear_chunk_rows(h.shape[0], lm_head_weight.shape[0], h.device, chunk_size)
     dev = h.device.type

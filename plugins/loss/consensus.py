@@ -77,6 +77,11 @@ class Plugin:
             assign(frozen, flatten(self.snapshot))
 
     @hookimpl
+    def setup(self, ctx: Any) -> None:
+        if self.cfg.distance == "kl":
+            ctx.require_forward(logprobs=True)  # the KL term reads the shared forward's log-probs
+
+    @hookimpl
     def loss(self, ctx: Any, batch: Batch) -> LossOutput:
         if self.snapshot is None:
             self._take(ctx)

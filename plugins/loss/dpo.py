@@ -215,6 +215,8 @@ class Plugin:
     def setup(self, ctx: Any) -> None:
         from rlfuse.plugins._data.pairs import load_pairs
 
+        ctx.require_forward(logprobs=True)  # the pair log-ratios read the shared forward's log-probs
+
         path = ctx.cfg.data.eval_preferences
         if path and self.cfg.eval_pairs:
             self.eval_items = load_pairs(ctx, path)[: self.cfg.eval_pairs]

@@ -13,7 +13,7 @@ from rlfuse.data import Batch, LossOutput
 
 @hookimpl
 def setup(ctx: Any) -> None:
-    ctx.require_forward(entropy=True)  # logged as policy/entropy
+    ctx.require_forward(logprobs=True, entropy=True)  # the NLL; entropy logged as policy/entropy
 
 
 @hookimpl

@@ -67,6 +67,7 @@ CONFIG = [  # (overrides, the key the message must name)
     (["data.truncation=right"], "data.truncation"),
     (["data.max_length=0"], "data.max_length"),
     (["kernels.backend=cuda"], "kernels.backend"),
+    (["kernels.fused_loss=sometimes"], "kernels.fused_loss"),
     (["model=hf"], "model.name_or_path"),
     # plugin options, checked by each plugin's Config
     (["loss.ppo.clip_low=-1"], "loss.ppo.clip_low"),

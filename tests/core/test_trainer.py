@@ -117,13 +117,64 @@ def test_reference_logprobs_are_computed_once_per_rollout(monkeypatch):
     assert calls == [6]
 
 
+def _bare_context(fused_loss="auto"):
+    """A Context with only the shared-forward state (no models, no plugins)."""
+    from omegaconf import OmegaConf
+
+    from rlfuse.trainer import Context
+
+    ctx = Context.__new__(Context)
+    ctx.policy = None
+    ctx.cfg = OmegaConf.create({"kernels": {"backend": "torch", "fused_loss": fused_loss}})
+    ctx._forward_needs = {"entropy": False, "hidden": False}
+    ctx._head_readers = 0
+    ctx._logprob_readers = False
+    return ctx
+
+
+@pytest.mark.parametrize(
+    "declared, mode, want",
+    [
+        ([{"entropy": True, "head": True}, {"hidden": True}], "auto", True),  # ppo + gae's critic
+        ([{"entropy": True, "head": True}, {"logprobs": True}], "auto", False),  # + a log-prob reader
+        ([{"entropy": True, "head": True}, {"entropy": True}], "auto", False),  # + an entropy reader
+        ([{"entropy": True, "head": True}, {"logprobs": True}], "true", True),
+        ([{"entropy": True, "head": True}], "false", False),
+        ([{"head": True}, {"head": True}], "true", False),  # two head readers: no one owns the head
+        ([{"entropy": True}], "true", False),  # an entropy reader, nobody takes head inputs
+        ([{"logprobs": True}, {"hidden": True}], "auto", False),  # loss=sft-like reader
+        ([{"hidden": True}], "auto", True),  # a reward model: nobody reads log-probs, no lm_head
+        ([{"hidden": True}], "false", False),
+    ],
+)
+def test_head_mode_follows_declarations(declared, mode, want, monkeypatch):
+    """The shared forward stops before the lm_head only when one plugin takes head inputs
+    and (``kernels.fused_loss=auto``) nobody else declared reading log-probs or entropy."""
+    from rlfuse import models
+    from rlfuse.data import ForwardOutput
+
+    seen = []
+
+    def fake_forward(model, batch, *, head=False, **kw):
+        seen.append(head)
+        return ForwardOutput(logprobs=batch.input_ids.float().requires_grad_())
+
+    monkeypatch.setattr(models, "forward", fake_forward)
+    ctx = _bare_context(mode)
+    for kw in declared:
+        ctx.require_forward(**kw)
+    ctx.forward(_batch())
+    with torch.no_grad():  # no-grad forwards never stop early: nothing would train on them
+        ctx.forward(_batch())
+    assert seen == [want, False]
+
+
 def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
     """What the shared forward must hold is declared at setup (``ctx.require_forward``), so
     the first loss plugin's call computes it all, whatever order pluggy calls them in; an
     undeclared call honours its own ``entropy`` argument."""
     from rlfuse import models
     from rlfuse.data import ForwardOutput
-    from rlfuse.trainer import Context
 
     calls = []
 
@@ -133,9 +184,7 @@ def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
         return ForwardOutput(logprobs=lp, entropy=lp if entropy else None, hidden=lp[..., None] if hidden else None)
 
     monkeypatch.setattr(models, "forward", fake_forward)
-    ctx = Context.__new__(Context)
-    ctx.policy = None
-    ctx._forward_needs = {"entropy": False, "hidden": False}
+    ctx = _bare_context()
     ctx.forward(_batch())
     assert calls == [(False, False)]  # entropy is no longer forced
     calls.clear()
@@ -145,3 +194,46 @@ def test_shared_forward_computes_what_plugins_declared_once(monkeypatch):
     ctx.forward(b)  # ppo's loss first: computes hidden states too
     ctx.forward(b, hidden=True)  # gae's loss: served from the cache
     assert calls == [(True, True)]
+
+
+def test_hidden_only_forward_skips_the_lm_head_until_logprobs_are_read(monkeypatch):
+    """A reward model's training forward (only ``hidden`` declared) stops before the lm_head:
+    same hidden states and gradients as the full forward, no log-softmax unless a plugin
+    reads ``out.logprobs`` -- which then gives the full forward's numbers."""
+    from rlfuse import models
+    from rlfuse.config import ModelConfig
+    from rlfuse.data import HeadInputs
+
+    torch.manual_seed(0)
+    policy = models.build_tiny_model(ModelConfig(), models.build_tiny_tokenizer(), seed=0)
+    ids = torch.randint(4, 90, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    batch = Batch(ids, mask, (torch.arange(9) >= 4).float().expand(3, 9) * mask)
+    calls = []
+    real = HeadInputs.logprobs
+    monkeypatch.setattr(HeadInputs, "logprobs", lambda self, e: calls.append(e) or real(self, e))
+
+    def run(mode):
+        ctx = _bare_context(mode)
+        ctx.policy = policy
+        ctx.require_forward(hidden=True)
+        part = batch.select(torch.arange(3))
+        policy.zero_grad(set_to_none=True)
+        out = ctx.forward(part)
+        (out.hidden * mask[..., None]).sum().backward()
+        grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
+        return out, grads
+
+    calls.clear()
+    lazy, g_lazy = run("auto")
+    assert lazy.head is not None and calls == []  # the lm_head never ran
+    eager, g_eager = run("false")
+    assert eager.head is None and len(calls) == 1
+    torch.testing.assert_close(lazy.hidden, eager.hidden)
+    assert g_lazy.keys() == g_eager.keys()
+    for k in g_lazy:
+        torch.testing.assert_close(g_lazy[k], g_eager[k], msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(lazy.logprobs, eager.logprobs)  # an undeclared reader
+    assert len(calls) == 2

@@ -8,6 +8,7 @@ import torch
 from rlfuse.kernels import (
     PolicyLossConfig,
     PolicyLossOutput,
+    aggregation_weights,
     clipped_policy_loss,
     fused_policy_loss,
     linear_policy_loss,
@@ -326,3 +327,32 @@ def test_linear_policy_loss_under_autocast_matches_the_logits_path():
     want.loss.backward()
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_lin, w.grad, rtol=3e-2, atol=3e-3)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_flat_selection_with_weights_equals_batch_layout(backend, device, aggregation):
+    """The training path hands the fused ops only the scored tokens, flattened (N,), with
+    ``weights=aggregation_weights(mask)`` gathered the same way: equal to the (B, T) call."""
+    B, T, H, V = 3, 6, 16, 259
+    h = torch.randn(B, T, H, device=device, requires_grad=True)
+    w = (torch.randn(V, H, device=device) * 0.3).requires_grad_()
+    y, old, adv, ref, mask = _fused_inputs(B, T, V, device)
+    mask &= y != -100
+    adv = adv.expand(B, T)
+    cfg = PolicyLossConfig(kl_coef=0.05, entropy_coef=0.01, aggregation=aggregation, norm_length=7)
+    kw = dict(ref_logprobs=ref, num_tokens=20.0, num_seqs=5.0)
+    full = linear_policy_loss(h, w, y, old, adv, mask, cfg, return_entropy=True, backend=backend, **kw)
+    g_full = torch.autograd.grad(full.loss, (h, w))
+    idx = mask.nonzero(as_tuple=True)
+    wt = aggregation_weights(mask.float(), cfg, 20.0, 5.0)[idx]
+    flat = dict(ref_logprobs=ref[idx], return_entropy=True, weights=wt, backend=backend)
+    outs = [
+        linear_policy_loss(h[idx], w, y[idx], old[idx], adv[idx], None, cfg, **flat),
+        fused_policy_loss(h[idx] @ w.t(), y[idx], old[idx], adv[idx], None, cfg, **flat),
+    ]
+    for got in outs:
+        torch.testing.assert_close(got.loss, full.loss, atol=1e-6, rtol=1e-5)
+        for name in (*STATS, "entropy"):
+            torch.testing.assert_close(getattr(got, name), getattr(full, name), atol=1e-6, rtol=1e-5, msg=name)
+        for a, r in zip(torch.autograd.grad(got.loss, (h, w)), g_full, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)

@@ -140,6 +140,9 @@ class FakeCtx:
         self.rollout = SimpleNamespace(items=[])
         self.reference_version = 0
 
+    def require_forward(self, **needs):
+        self.declared = needs
+
     @property
     def train_records(self):
         return self.rollout.items
