@@ -170,7 +170,8 @@ class Context:
             ``kernels.fused_loss=auto`` the shared forward stops before the lm_head when
             exactly one plugin declared ``head`` and no other declared ``logprobs`` or
             ``entropy``; ``true`` does it whenever one plugin declared ``head`` (other
-            readers then get log-probs computed from the head inputs); ``false`` never.
+            readers then get log-probs computed from the head inputs); ``false`` never, nor
+            under ``trainer.strategy=fsdp`` (the sharded lm_head exists only inside the forward).
             ``entropy`` declared together with ``head`` is the head plugin's own need.
             When no plugin declares ``logprobs``, ``entropy`` or ``head`` (``loss=bradley_terry``
             reads hidden states only) the forward also stops before the lm_head; log-probs
@@ -186,8 +187,11 @@ class Context:
         for the one plugin that takes head inputs, or when no plugin declared reading log-probs
         at all (a reward model reading hidden states: the lm_head then runs only if an
         undeclared reader asks for log-probs)."""
+        from rlfuse import fsdp
+
         mode = str(self.cfg.kernels.get("fused_loss", "auto")).lower()
-        if mode == "false" or self._head_readers > 1:
+        # sharded: the lm_head is gathered only inside the root's forward, so it must run there
+        if mode == "false" or self._head_readers > 1 or fsdp.sharded(self):
             return False
         if self._head_readers == 0:
             return not self._logprob_readers
