@@ -191,7 +191,8 @@ class Context:
 
         mode = str(self.cfg.kernels.get("fused_loss", "auto")).lower()
         # sharded: the lm_head is gathered only inside the root's forward, so it must run there
-        if mode == "false" or self._head_readers > 1 or fsdp.sharded(self):
+        sharded = getattr(self, "dist", None) is not None and fsdp.sharded(self)  # (a bare test Context has none)
+        if mode == "false" or self._head_readers > 1 or sharded:
             return False
         if self._head_readers == 0:
             return not self._logprob_readers
