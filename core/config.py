@@ -47,7 +47,9 @@ class ModelConfig:
     # Storage dtype of the trained weights; null = what trainer.precision needs (float32
     # masters, bfloat16 for bf16-true). docs/precision.md
     dtype: str | None = None  # null | float32 | bfloat16 | float16
-    ref_dtype: str | None = None  # frozen reference copy: null = the policy's dtype | bfloat16 | ...
+    # frozen reference copy: auto = bfloat16 under trainer.precision=bf16-mixed (autocast computes
+    # in bf16 anyway: half the memory, no per-step cast), else the policy's dtype | null | bfloat16 | ...
+    ref_dtype: str | None = "auto"
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
     share_prefix: bool = True  # rows with the same prompt run it once per forward (rlfuse.packing)
     # rows packed into common sequences without padding when that saves >= 15% of the positions
@@ -99,6 +101,9 @@ class TrainerConfig:
     nonfinite: str = "stop"  # NaN/Inf reward, loss term or grad norm: stop (error) | skip (the update)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch.set_num_threads
+    # keep | release | auto: keep freed host memory mapped (glibc) so that the vocabulary-sized
+    # tensors of each step do not page-fault again; auto = keep on CPU (core/hostmem.py)
+    host_memory: str = "auto"
     progress: bool = True  # console progress bar
     # Compute precision, separate from the weights' dtype (docs/precision.md):
     # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true; auto = bf16-mixed on a bf16 GPU, else fp32
@@ -252,6 +257,7 @@ def check_ranges(cfg: Any) -> None:
     require(t.keep_last >= 1, "trainer.keep_last", ">= 1", t.keep_last)
     one_of("trainer.resume", t.resume, ("auto", True, False))
     one_of("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    one_of("trainer.host_memory", t.host_memory, ("auto", "keep", "release"))
     kind, _, index = str(t.device).partition(":")
     require(kind in DEVICE_KINDS and (not index or (kind == "cuda" and index.isdigit())), "trainer.device",
             "auto, cpu, cuda, cuda:N or mps", t.device)
@@ -267,7 +273,7 @@ def check_ranges(cfg: Any) -> None:
     if OmegaConf.is_missing(m, "name_or_path") or (m.kind == "hf" and not m.name_or_path):
         raise ConfigError("model.name_or_path", "is required by this model config (a local folder or hub name)")
     one_of("model.dtype", m.dtype, (None, "float32", "bfloat16", "float16"))
-    one_of("model.ref_dtype", m.ref_dtype, (None, "float32", "bfloat16", "float16"))
+    one_of("model.ref_dtype", m.ref_dtype, (None, "auto", "float32", "bfloat16", "float16"))
     one_of("trainer.save_dtype", t.save_dtype, (None, "float32", "bfloat16", "float16"))
     one_of("trainer.precision", t.precision, ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"))
     tiny = m.tiny

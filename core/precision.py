@@ -95,9 +95,16 @@ class Precision:
         names = ("float32", "bfloat16", "float16")
         for key, value in (("model.dtype", cfg.model.dtype), ("model.ref_dtype", cfg.model.ref_dtype),
                            ("trainer.save_dtype", cfg.trainer.save_dtype)):  # fmt: skip
-            if value is not None and value not in names:
+            if value is not None and value not in names and not (key == "model.ref_dtype" and value == "auto"):
                 raise ValueError(f"{key} must be one of {', '.join(names)} (or null), got '{value}'")
         return cls.create(cfg.trainer.precision, device, cfg.model.dtype, lora=bool(cfg.model.lora.r))
+
+    def reference_dtype(self, ref_dtype: str | None) -> str | None:
+        """``model.ref_dtype`` resolved: ``auto`` is bfloat16 under bf16-mixed, else null (the
+        policy's dtype)."""
+        if ref_dtype == "auto":
+            return "bfloat16" if self.mode == "bf16-mixed" else None
+        return ref_dtype
 
     @property
     def param_dtype(self) -> torch.dtype:

@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rlfuse import distributed, fsdp, models, runinfo, stops
+from rlfuse import distributed, fsdp, hostmem, models, runinfo, stops
 from rlfuse.checkpoint import (
     check_config,
     load_checkpoint,
@@ -103,8 +103,9 @@ class Context:
                 if initial is None and fsdp.root_of(self.policy) is not None:  # sharded: rebuilt, never copied
                     initial = lambda: models.load_policy(mcfg, self.tokenizer, self.cfg.seed)  # noqa: E731
                 ref = models.frozen_copy(initial() if initial else self.policy)
-            if mcfg.ref_dtype:
-                ref = ref.to(models.torch_dtype(mcfg.ref_dtype, "model.ref_dtype"))
+            ref_dtype = self.precision.reference_dtype(mcfg.ref_dtype)
+            if ref_dtype:
+                ref = ref.to(models.torch_dtype(ref_dtype, "model.ref_dtype"))
             self.set_reference(ref)
         return self._reference  # type: ignore[return-value]
 
@@ -387,6 +388,7 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
 
     pm = PluginManager()
     ctx = Context(cfg, run_dir, pm)
+    hostmem.apply(cfg.trainer.host_memory, ctx.device)
     ctx.reward_weights = {k: float(w) for k, w in load_plugins(cfg, pm)["weight"].items()}
     ctx.tokenizer = models.load_tokenizer(cfg.model)
     ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed).to(ctx.device)

@@ -418,8 +418,8 @@ def linear_lp_backward(backend, h, w, b, labels, lse, ent, g_lp, g_ent, opts, ro
     need_h, need_w, need_b = needs
     N = h.shape[0]
     dh = torch.empty_like(h) if need_h else None
-    dw = torch.zeros_like(w) if need_w else None
-    db = torch.zeros_like(b) if (need_b and b is not None) else None
+    w_like, b_like = w, b  # dW / db come back in the weight's own dtype
+    dw = db = None  # the first chunk's product starts them: no zero-filled (V, H) buffer
     h, w, b = _cast(cdt, h, w, b)
     g_lp = g_lp.float().contiguous() if g_lp is not None else torch.zeros_like(lse)
     if g_ent is not None:
@@ -436,14 +436,37 @@ def linear_lp_backward(backend, h, w, b, labels, lse, ent, g_lp, g_ent, opts, ro
                 torch.mm(logits, w, out=dh[s:e])  # (n, H)
             else:
                 dh[s:e] = logits @ w
-        if dw is not None:
-            if dw.dtype == logits.dtype:
-                dw.addmm_(logits.t(), h[s:e])  # (V, H)
-            else:
-                dw.add_(logits.t() @ h[s:e])
-        if db is not None:
-            db.add_(logits.sum(0, dtype=db.dtype))
-    return dh, dw, db
+        if need_w:
+            dw = fold_dw(dw, logits, h[s:e], w_like.dtype)
+        if need_b and b is not None:
+            db = fold_db(db, logits, b_like.dtype)
+    return dh, *head_grads_or_zeros(dw, db, w_like, b_like, needs)
+
+
+def fold_dw(dw, dlogits, h, dtype):
+    """``dw + dlogits.T @ h`` in ``dtype`` (the weight's: fp32 masters under autocast). ``None``
+    starts the sum with the first chunk's product: no zero-filled (V, H) buffer (on a CPU a
+    fresh 113 MB zero fill is mostly page faults)."""
+    if dw is None:
+        return torch.mm(dlogits.t(), h).to(dtype)  # (V, H)
+    if dw.dtype == dlogits.dtype:
+        return dw.addmm_(dlogits.t(), h)
+    return dw.add_(dlogits.t() @ h)
+
+
+def fold_db(db, dlogits, dtype):
+    part = dlogits.sum(0, dtype=dtype)
+    return part if db is None else db.add_(part)
+
+
+def head_grads_or_zeros(dw, db, w, b, needs):
+    """(dW, db) with zeros where a needed gradient had no rows to start it."""
+    _, need_w, need_b = needs
+    if need_w and dw is None:
+        dw = torch.zeros_like(w)
+    if need_b and b is not None and db is None:
+        db = torch.zeros_like(b)
+    return dw, db
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ from .logprobs import (
     _prep_rows,
     _torch_lp_backward,
     _triton_lp_backward,
+    fold_db,
+    fold_dw,
+    head_grads_or_zeros,
     linear_chunk_rows,
     lp_backward,
     lp_forward,
@@ -610,14 +613,14 @@ def _linear_loss_with_grads(
     f32 = dict(dtype=torch.float32, device=h.device)
     need_h, need_w, need_b = needs
     dh = torch.empty_like(h) if need_h else None
-    dw = torch.zeros_like(wt) if need_w else None  # in the weight's dtype (fp32 masters)
-    db = torch.zeros_like(b) if (need_b and b is not None) else None
+    w_like, b_like = wt, b  # dW / db in the weight's dtype (fp32 masters)
+    dw = db = None
     h, wt, b = _cast(cdt, h, wt, b)  # the matmuls in autocast's dtype, when one was active
     logp = torch.empty(N, **f32)
     loss = torch.zeros((), **f32)
     stats = torch.zeros(_NSTAT, **f32)
     valid = labels != lopts.ignore_index
-    grads = any(t is not None for t in (dh, dw, db))
+    grads = need_h or need_w or (need_b and b is not None)
     for s in range(0, N, rows):
         e = min(N, s + rows)
         sl = slice(s, e)
@@ -638,13 +641,11 @@ def _linear_loss_with_grads(
                 torch.mm(logits, wt, out=dh[sl])  # (n, H)
             else:
                 dh[sl] = logits @ wt
-        if dw is not None:
-            if dw.dtype == logits.dtype:
-                dw.addmm_(logits.t(), h[sl])  # (V, H)
-            else:
-                dw.add_(logits.t() @ h[sl])
-        if db is not None:
-            db.add_(logits.sum(0, dtype=db.dtype))
+        if need_w:
+            dw = fold_dw(dw, logits, h[sl], w_like.dtype)
+        if need_b and b is not None:
+            db = fold_db(db, logits, b_like.dtype)
+    dw, db = head_grads_or_zeros(dw, db, w_like, b_like, needs) if grads else (dw, db)
     return logp, loss, stats, dh, dw, db
 
 

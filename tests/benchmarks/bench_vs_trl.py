@@ -584,7 +584,10 @@ def versions(python: str, trl: bool) -> str:
 
 def run_child(python: str, side: str, algo: str, a: argparse.Namespace, model_dir: str, precision: str,
               data_dir: str | None) -> dict | str:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("OMP_WAIT_POLICY", None)
+    if a.omp_wait != "default":
+        env["OMP_WAIT_POLICY"] = a.omp_wait.upper()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
     cmd = [python, str(HERE), "--child", side, "--algo", algo, "--model-dir", model_dir,
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
@@ -657,6 +660,8 @@ def main() -> None:
     ap.add_argument("--trl-python", default=DEFAULT_TRL_PY, help="TRL venv for DPO and GRPO")
     ap.add_argument("--trl-ppo-python", default=DEFAULT_TRL_PPO_PY, help="TRL venv for PPO (TRL <= 1.12)")
     ap.add_argument("--device", default="cpu", help="rlfuse's trainer.device (TRL runs on CPU: use --sides rlfuse)")
+    ap.add_argument("--omp-wait", default="default", choices=["default", "passive", "active"],
+                    help="OMP_WAIT_POLICY of both sides' processes (default: unset, OpenMP's own)")
     ap.add_argument("--json", default=None, help="also write every run's figures to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--algo", default=None, help=argparse.SUPPRESS)
@@ -682,7 +687,7 @@ def main() -> None:
     have = {algo: "trl" in a.sides and Path(py).exists() for algo, py in trl_py.items()}
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {platform.node()} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), threads={a.threads}, "
-          "OMP_WAIT_POLICY=PASSIVE both sides")
+          f"OMP_WAIT_POLICY={a.omp_wait if a.omp_wait != 'default' else 'unset (OpenMP default)'} both sides")
     print(f"# model: {model}" + (" (real-model workload)" if real else " (tiny-model overhead workload)"))
     print(f"# load before: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f}")
     print(f"# rlfuse python: {versions(sys.executable, False)}")

@@ -42,15 +42,21 @@ PARTS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", default="grpo")
-    ap.add_argument("--model", default="/work/models/smollm2-135m")
+    ap.add_argument("--model", default=None, help="default: bench_vs_trl.py's SmolLM2 folder")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", help="trainer.precision (fp32, bf16-mixed, ...)")
+    ap.add_argument("--ops", type=int, default=0, help="also print the N torch ops with the most self CPU time")
+    ap.add_argument("--shapes", action="store_true", help="group the op table by input shapes")
+    ap.add_argument("--top", type=int, default=0, help="also print the N functions with the most cumulative time")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     import bench_vs_trl as bvt
     import torch
+
+    a.model = a.model or bvt.default_model()
 
     import rlfuse.trainer as trainer
     from support import compose
@@ -59,6 +65,7 @@ def main() -> None:
     prof = cProfile.Profile()
     step_fn = trainer._train_step
     seen = {"n": 0, "wall": 0.0}
+    ops: list = []
 
     def profiled(ctx, opt, params, step):
         seen["n"] += 1
@@ -67,7 +74,12 @@ def main() -> None:
         t0 = time.perf_counter()
         prof.enable()
         try:
-            return step_fn(ctx, opt, params, step)
+            if not a.ops:
+                return step_fn(ctx, opt, params, step)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=a.shapes) as tp:
+                r = step_fn(ctx, opt, params, step)
+            ops.append(tp.key_averages(group_by_input_shape=a.shapes))
+            return r
         finally:
             prof.disable()
             seen["wall"] += time.perf_counter() - t0
@@ -78,7 +90,7 @@ def main() -> None:
         over = bvt.real_overrides(a.algo, tmp) + [
             "algo.warmup=null", "eval=[]", "logger=[jsonl]", f"model.name_or_path={a.model}",
             f"trainer.max_steps={a.warmup + a.steps}", "trainer.progress=false", "trainer.eval_every=0",
-            f"trainer.threads={a.threads}", "model.dtype=float32",
+            f"trainer.threads={a.threads}", "model.dtype=float32", f"trainer.precision={a.precision}",
         ]
         trainer.train(compose(over), Path(tmp) / "run")
     st = pstats.Stats(prof)
@@ -93,6 +105,10 @@ def main() -> None:
             continue
         cum = max(v[3] for _, v in hits) / a.steps
         print(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
+    for k in ops[-1:]:
+        print(k.table(sort_by="self_cpu_time_total", row_limit=a.ops))
+    if a.top:
+        st.sort_stats("cumulative").print_stats(a.top)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,25 @@ def test_ref_dtype_casts_only_the_frozen_reference(tmp_path):
     assert next(ctx.policy.parameters()).dtype == torch.float32
     out = train(cfg, tmp_path / "run")  # DPO's reference log-probs come from the bf16 copy
     assert abs(out["last"]["loss/total"] - 0.6931) < 0.05
+
+
+def test_ref_dtype_auto_is_bf16_under_bf16_mixed_only(tmp_path):
+    """model.ref_dtype=auto (the default): the frozen reference is stored in bf16 under
+    bf16-mixed (autocast computes in bf16 anyway: half its memory, no cast per step) and in
+    the policy's dtype otherwise; null and explicit dtypes are kept as given."""
+    from rlfuse.manager import PluginManager
+    from rlfuse.trainer import Context
+
+    def ref_dtype(*over):
+        cfg = compose(DPO + list(over))
+        ctx = Context(cfg, tmp_path, PluginManager())
+        ctx.tokenizer = models.load_tokenizer(cfg.model)
+        ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed)
+        return next(ctx.reference.parameters()).dtype
+
+    assert compose(DPO).model.ref_dtype == "auto"
+    assert ref_dtype("trainer.precision=bf16-mixed") == torch.bfloat16
+    assert ref_dtype("trainer.precision=fp32") == torch.float32
+    assert ref_dtype("trainer.precision=fp16-mixed") == torch.float32
+    assert ref_dtype("trainer.precision=bf16-mixed", "model.ref_dtype=null") == torch.float32
+    assert ref_dtype("trainer.precision=bf16-mixed", "model.ref_dtype=float32") == torch.float32

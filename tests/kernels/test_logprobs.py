@@ -263,3 +263,32 @@ def test_linear_under_autocast_keeps_fp32_accumulation_and_master_grads(chunk_si
     want.sum().backward()
     torch.testing.assert_close(w.grad, wb.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(h.grad, hb.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_linear_head_grads_without_rows_are_zeros_in_the_weight_dtype(backend, device):
+    """dW / db start from the first chunk's product (no zero-filled buffer): with no rows
+    at all they are still zeros of the weight's shape and dtype."""
+    h = torch.randn(0, 16, device=device, requires_grad=True)
+    w = torch.randn(301, 16, device=device, requires_grad=True)
+    b = torch.randn(301, device=device, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=device)
+    out = linear_token_logprobs(h, w, y, bias=b, backend=backend)
+    gw, gb = torch.autograd.grad(out.sum(), [w, b], allow_unused=True)
+    assert gw is not None and gw.shape == w.shape and gw.dtype == w.dtype and not gw.any()
+    assert gb is not None and gb.shape == b.shape and not gb.any()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_linear_weight_grad_equals_a_zero_started_accumulation_bitwise(chunk_size):
+    """Starting dW with the first chunk's product gives the same bits as adding every chunk
+    to zeros (what the kernel did before): seeded runs do not move."""
+    from rlfuse.kernels.logprobs import fold_dw
+
+    torch.manual_seed(0)
+    g, x = torch.randn(11, 203), torch.randn(11, 24)
+    rows = chunk_size or 11
+    acc, zero = None, torch.zeros(203, 24)
+    for s in range(0, 11, rows):
+        acc = fold_dw(acc, g[s : s + rows], x[s : s + rows], torch.float32)
+        zero.addmm_(g[s : s + rows].t(), x[s : s + rows])
+    assert torch.equal(acc, zero)
