@@ -153,6 +153,11 @@ class Context:
         return groups
 
     # -- the shared forward pass -------------------------------------------------------
+    @property
+    def forward_needs(self) -> dict[str, bool]:
+        """What the plugins declared the shared forward must hold (:meth:`require_forward`)."""
+        return dict(self._forward_needs)
+
     def require_forward(
         self, *, entropy: bool = False, hidden: bool = False, logprobs: bool = False, head: bool = False
     ) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlfuse.data import Batch
+from rlfuse.data import Batch, ForwardOutput, HeadInputs
 
 
 @dataclass
@@ -57,7 +57,11 @@ def shared_prompt_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> An
     m = mask[uniq, :-1]
     pos = (m.long().cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[uniq, :-1], attention_mask=m, position_ids=pos, use_cache=True, **{cache_arg(model): cache})
+    import inspect
+
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(input_ids=ids[uniq, :-1], attention_mask=m, position_ids=pos, use_cache=True, **{cache_arg(model): cache},
+          **keep)  # only the cache is wanted: no lm_head over every prompt position
     cache.batch_select_indices(owner.to(ids.device))
     return cache
 
@@ -122,6 +126,51 @@ def skinny_lm_head(model: Any, rows: int) -> Iterator[None]:
         del head.forward
 
 
+@contextlib.contextmanager
+def capture_head_inputs(model: Any) -> Iterator[list[torch.Tensor] | None]:
+    """Record the hidden state each generation step feeds the lm_head (the last position of
+    each call: the state the next token is sampled from), detached; ``None`` when the model's
+    output embedding is not a plain linear layer."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        yield None
+        return
+    caps: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda mod, args: caps.append(args[0][:, -1].detach()))
+    try:
+        yield caps
+    finally:
+        handle.remove()
+
+
+def sampler_forward(model: Any, caps: list[torch.Tensor], input_ids: torch.Tensor, attention: torch.Tensor,
+                    response_mask: torch.Tensor, P: int) -> ForwardOutput | None:
+    """The sampling policy's forward on the generated batch, from the states generation
+    computed (:func:`capture_head_inputs`) instead of a second pass over the sequences.
+
+    Log-probs (temperature 1, like the training forward) come from the lm_head on those states
+    through the same kernel as the training forward; ``hidden`` is (B, T, H) with the state
+    before every response token (column ``t - 1`` for token ``t``: what a value head reads)
+    and zeros elsewhere -- prompt positions are not recomputed. Same numbers as a no-grad
+    forward up to float rounding (cached decoding sums in another order)."""
+    from rlfuse.packing import scored_positions
+
+    B, T = input_ids.shape
+    L = T - P
+    if L <= 0 or len(caps) < L:
+        return None
+    states = torch.stack(caps[:L], dim=1)  # (B, L, H): state before response token j
+    hidden = states.new_zeros(B, T, states.shape[-1])
+    hidden[:, P - 1 : P - 1 + L] = states
+    bi, ti = scored_positions(response_mask, attention).nonzero(as_tuple=True)
+    head = model.get_output_embeddings()
+    inputs = HeadInputs(
+        labels=input_ids[bi, ti], shape=(B, T), index=(bi, ti), hidden=hidden[bi, ti - 1], weight=head.weight,
+        bias=head.bias,
+    )  # fmt: skip
+    return ForwardOutput(head=inputs, hidden=hidden)
+
+
 def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and attention mask, (B, P) each."""
     P = max(len(p) for p in prompt_ids)
@@ -140,11 +189,15 @@ def sample(
     prompt_ids: list[list[int]],
     cfg: SamplingConfig,
     device: torch.device,
+    capture: bool = False,
 ) -> Batch:
     """Generate one response per prompt id list (repeat prompts for several samples).
 
     Rows of the result are ``[left padding][prompt][response incl. EOS][padding]``;
-    ``response_mask`` is 1 on the response tokens up to and including the first EOS.
+    ``response_mask`` is 1 on the response tokens up to and including the first EOS. With
+    ``capture``, ``rollout_forward`` holds the sampling policy's log-probs and hidden states
+    from the generation itself (:func:`sampler_forward`; left unset when the model does not
+    allow it).
     """
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
@@ -166,7 +219,9 @@ def sample(
             cache = shared_prompt_cache(model, ids, mask)
             if cache is not None:
                 kwargs[cache_arg(model)] = cache
-        with skinny_lm_head(model, ids.shape[0]):
+        with skinny_lm_head(model, ids.shape[0]), (
+            capture_head_inputs(model) if capture else contextlib.nullcontext()
+        ) as caps:
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     finally:
         model.train(was_training)
@@ -189,10 +244,13 @@ def sample(
         [r[m.bool()].tolist() for r, m in zip(resp, resp_mask, strict=True)], skip_special_tokens=True
     )
     prompts = tokenizer.batch_decode([p for p in prompt_ids], skip_special_tokens=True)
-    return Batch(
+    batch = Batch(
         input_ids=input_ids,
         attention_mask=attention,
         response_mask=response_mask,
         prompts=prompts,
         responses=texts,
     )
+    if caps is not None:
+        batch.rollout_forward = sampler_forward(model, caps, input_ids, attention, response_mask, P)
+    return batch

@@ -9,6 +9,15 @@ from, so ``loss=ppo`` takes the old log-probs from the training forward itself (
 exactly, the same gradient). With ``old_logprobs: auto`` the rollout then leaves
 ``batch.old_logprobs`` unset and marks the batch ``extras["on_policy"] = True``; a plugin that
 needs them before training (``reward=kl_penalty``) computes them itself.
+
+Off-policy updates need the old log-probs (and PPO's critic the old values) before training.
+``old_logprobs: sampler`` takes them from the generation itself: the hidden state each decode
+step fed the lm_head is kept, and the log-probs of the sampled tokens and the value head's
+input come from those states -- no second pass over the sequences (equal to it up to float
+rounding: cached decoding adds in another order). ``rollout`` always runs the separate no-grad
+forward. ``auto`` uses the sampler's states for a pretrained model in fp32 and the separate
+forward otherwise (under autocast cached decoding and a full forward round differently at
+bf16's precision; the tiny model keeps the seeded figures of the docs).
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ class Config:
     top_p: float = 1.0
     top_k: int = 0
     shuffle: bool = True
-    old_logprobs: str = "auto"  # auto (skip the pass when updates are on-policy) | rollout (always)
+    # auto: none when updates are on-policy, else sampler for a pretrained fp32 model, else rollout |
+    # sampler: from the generation's own states | rollout: a separate no-grad forward
+    old_logprobs: str = "auto"
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
@@ -43,7 +54,8 @@ class Config:
         require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         require(self.temperature > 0, "temperature", "> 0", self.temperature)
         require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        require(self.old_logprobs in ("auto", "rollout"), "old_logprobs", "auto or rollout", self.old_logprobs)
+        require(self.old_logprobs in ("auto", "rollout", "sampler"), "old_logprobs", "auto, rollout or sampler",
+                self.old_logprobs)
         require(self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
 
 
@@ -75,16 +87,23 @@ class Plugin(StreamPlugin):
         picked = self.stream.take(self.cfg.batch_size)
         n = self.cfg.n
         ids = [p for p, _ in picked for _ in range(n)]
-        batch = sample(ctx.policy, ctx.tokenizer, ids, self.sampling, ctx.device)
+        mode = self.cfg.old_logprobs
+        skip = mode == "auto" and on_policy(ctx.cfg.trainer, len(ids))
+        # on-policy the states still serve a critic's old values (and a KL reward's old log-probs)
+        capture = (mode == "sampler" or (mode == "auto" and sampler_states_by_default(ctx))) and (
+            not skip or ctx.forward_needs["hidden"])
+        batch = sample(ctx.policy, ctx.tokenizer, ids, self.sampling, ctx.device, capture=capture)
         batch.rows = [row for _, row in picked for _ in range(n)]
         batch.group_ids = torch.arange(len(picked), device=ctx.device).repeat_interleave(n)
-        if self.cfg.old_logprobs == "auto" and on_policy(ctx.cfg.trainer, len(batch)):
+        if skip:
             batch.extras["on_policy"] = True  # loss=ppo: old log-probs = the training forward's
             return batch
-        with torch.no_grad():
-            out = ctx.forward(batch, model=ctx.policy, hidden=True)
+        out = batch.rollout_forward
+        if out is None:  # rollout, or a model whose lm_head the sampler cannot read
+            with torch.no_grad():
+                out = ctx.forward(batch, model=ctx.policy, hidden=True)
+            batch.rollout_forward = out
         batch.old_logprobs = out.logprobs * batch.response_mask
-        batch.rollout_forward = out
         return batch
 
 
@@ -92,6 +111,17 @@ def on_policy(trainer: Any, rows: int) -> bool:
     """One optimiser update per rollout: one epoch, one mini-batch."""
     mini = trainer.mini_batch_size
     return trainer.epochs == 1 and (mini is None or mini >= rows)
+
+
+def sampler_states_by_default(ctx: Any) -> bool:
+    """``old_logprobs: auto`` off-policy: the sampler's states for a pretrained model trained in
+    fp32 (no autocast), unsharded and without adapters; else the separate forward."""
+    from rlfuse import fsdp, models
+
+    return (
+        bool(ctx.cfg.model.name_or_path) and ctx.precision.compute_dtype is None
+        and not models.is_peft(ctx.policy) and fsdp.root_of(ctx.policy) is None
+    )
 
 
 def old_policy_forward(ctx: Any, batch: Batch) -> Any:
