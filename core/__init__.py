@@ -32,7 +32,7 @@ if _oversubscribed():
 
 import pluggy  # noqa: E402
 
-from rlfuse.data import Advantages, Batch, ForwardOutput, HeadInputs, LossOutput
+from rlfuse.data import Advantages, Batch, ForwardOutput, HeadInputs, LossOutput  # noqa: E402
 
 __version__ = "0.1.0"
 

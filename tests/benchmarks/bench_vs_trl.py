@@ -3,6 +3,7 @@
     python tests/benchmarks/bench_vs_trl.py [--model PATH|tiny] [--precisions fp32,bf16-mixed]
         [--steps N] [--warmup N] [--repeats 3] [--algos dpo,grpo,ppo] [--threads 2]
         [--trl-python /work/trl-venv/bin/python] [--trl-ppo-python /work/trl112-venv/bin/python]
+        [--omp-wait default|passive|active] [--sides rlfuse,trl] [--json FILE]
 
 A benchmark, not a test. TRL is never a dependency of rlfuse: it lives in scratch venvs
 outside the repository, and its side runs in a subprocess with that venv's python::
@@ -41,8 +42,9 @@ Same work on both sides
   mapped onto TRL's names (see ``trl_*`` below): rows per step, completions per prompt,
   epochs / mini-batches per rollout, max_new_tokens, max_length, lr, clip ranges, KL
   coefficients and estimators.
-* threads: ``torch.set_num_threads(--threads)`` and ``OMP_WAIT_POLICY=PASSIVE`` in both
-  processes (rlfuse sets the latter on import; the TRL child gets it in its environment).
+* threads: ``torch.set_num_threads(--threads)`` in both processes; ``OMP_WAIT_POLICY`` as
+  ``--omp-wait`` says, the same in both (default: unset, OpenMP's own; the children import
+  torch before rlfuse, so rlfuse's own choice does not apply).
 
 What is measured
 ----------------
@@ -176,7 +178,7 @@ def rlfuse_child(algo: str, model_dir: str, steps: int, warmup: int, threads: in
                  data_dir: str | None = None, device: str = "cpu") -> dict:
     import contextlib
 
-    import rlfuse  # noqa: F401  (OMP_WAIT_POLICY is also set in the environment by main())
+    import rlfuse  # noqa: F401
     import rlfuse.models as models
     import rlfuse.trainer as trainer
     from support import compose  # tests/support.py

@@ -33,7 +33,7 @@ PARTS = [
     ("backward", "_tensor.py", "backward"),
     ("optimiser step", "adam.py", "step"),
     ("optimiser step", "adamw.py", "step"),
-    ("grad clipping", "clip_grad.py", "clip_grad_norm_"),
+    ("grad clipping", "fsdp.py", "clip_grad_norm_"),
     ("loss plugins (all, incl. their forward)", "trainer.py", "_collect_losses"),
     ("rewards", "trainer.py", "_apply_rewards"),
 ]
