@@ -221,11 +221,10 @@ def rlfuse_child(algo: str, model_dir: str, steps: int, warmup: int, threads: in
         f"trainer.threads={threads}", "model.dtype=float32", f"trainer.device={device}",
     ] + [x for x in os.environ.get("BENCH_RLFUSE_EXTRA", "").split() if x]
     cfg = compose(over)
-    if precision == "bf16-mixed":
-        if "precision" in cfg.trainer:
-            cfg = compose(over + ["trainer.precision=bf16-mixed"])
-        else:
-            autocast["on"] = True
+    if "precision" in cfg.trainer:  # explicit: auto would pick bf16-mixed on a CPU with AMX
+        cfg = compose(over + [f"trainer.precision={precision}"])
+    elif precision == "bf16-mixed":
+        autocast["on"] = True
     with tempfile.TemporaryDirectory() as run_dir:
         trainer.train(cfg, run_dir)
     return summarise("rlfuse", algo, ends, tokens, warmup, base["mib"]) | {"precision": precision}

@@ -195,3 +195,19 @@ def test_ref_dtype_auto_is_bf16_under_bf16_mixed_only(tmp_path):
     assert ref_dtype("trainer.precision=fp16-mixed") == torch.float32
     assert ref_dtype("trainer.precision=bf16-mixed", "model.ref_dtype=null") == torch.float32
     assert ref_dtype("trainer.precision=bf16-mixed", "model.ref_dtype=float32") == torch.float32
+
+
+def test_auto_is_bf16_mixed_on_an_amx_cpu_for_a_pretrained_model_only(monkeypatch):
+    import rlfuse.precision as P
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: True)
+    assert resolve_mode("auto", cpu, pretrained=True) == "bf16-mixed"
+    assert resolve_mode("auto", cpu, pretrained=False) == "fp32"  # the tiny model
+    assert resolve_mode("fp32", cpu, pretrained=True) == "fp32"  # an explicit mode is kept
+    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: False)
+    assert resolve_mode("auto", cpu, pretrained=True) == "fp32"
+    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: True)
+    cfg = compose(DPO + ["model.name_or_path=/some/folder"])
+    assert Precision.from_config(cfg, cpu).mode == "bf16-mixed"
+    assert Precision.from_config(compose(DPO), cpu).mode == "fp32"
