@@ -47,7 +47,9 @@ class Batch:
     # The no-grad forward of the policy that generated this batch, set by an online rollout
     # (``rollout=generate`` computes it for the old log-probs, with hidden states) so a
     # plugin needing the same numbers (the critic's old values) reuses it instead of a second
-    # forward. Only on the rollout batch: ``select`` does not carry it to sub-batches.
+    # forward. Only on the rollout batch: ``select`` does not carry it to sub-batches. Built
+    # from generation's own states (``rollout.old_logprobs: sampler``), ``hidden`` holds only the
+    # state before each response token (zeros at the prompt positions).
     rollout_forward: ForwardOutput | None = field(default=None, repr=False)
     # Per-micro-batch scratch space (the trainer's shared forward pass lives here).
     cache: dict[str, Any] = field(default_factory=dict, repr=False)

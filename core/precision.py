@@ -56,10 +56,11 @@ def cpu_has_amx_bf16() -> bool:
 def resolve_mode(mode: str, device: torch.device, pretrained: bool = False) -> str:
     """``auto`` -> a concrete mode for ``device``; any other valid mode is returned as is.
 
-    ``auto``: bf16-mixed on a bf16 GPU, and on a CPU with AMX for a pretrained model (measured
-    1.2-1.3x faster than fp32 there, docs/performance.md; on a CPU without bf16 instructions
-    autocast was 1.9x slower; the built-in tiny model stays fp32, its per-op overhead dominates);
-    fp32 elsewhere."""
+    ``auto``: bf16-mixed on a bf16 GPU, and on a CPU with AMX for a pretrained model
+    (``pretrained``: ``model=hf``; measured 1.17-1.34x faster than fp32 there, docs/precision.md;
+    on a CPU without bf16 instructions autocast was 1.9x slower); fp32 elsewhere. The tiny model
+    -- built, or a stage of a pipeline loading the previous stage's tiny model -- stays fp32: its
+    per-op overhead dominates, and the docs quote its seeded fp32 figures."""
     if mode not in MODES:
         raise ValueError(f"trainer.precision must be one of {', '.join(MODES)}; got '{mode}'")
     if mode != "auto":
@@ -115,7 +116,7 @@ class Precision:
             if value is not None and value not in names and not (key == "model.ref_dtype" and value == "auto"):
                 raise ValueError(f"{key} must be one of {', '.join(names)} (or null), got '{value}'")
         return cls.create(cfg.trainer.precision, device, cfg.model.dtype, lora=bool(cfg.model.lora.r),
-                          pretrained=bool(cfg.model.name_or_path))
+                          pretrained=cfg.model.kind == "hf")
 
     def reference_dtype(self, ref_dtype: str | None) -> str | None:
         """``model.ref_dtype`` resolved: ``auto`` is bfloat16 under bf16-mixed, else null (the

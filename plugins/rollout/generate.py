@@ -15,8 +15,8 @@ Off-policy updates need the old log-probs (and PPO's critic the old values) befo
 step fed the lm_head is kept, and the log-probs of the sampled tokens and the value head's
 input come from those states -- no second pass over the sequences (equal to it up to float
 rounding: cached decoding adds in another order). ``rollout`` always runs the separate no-grad
-forward. ``auto`` uses the sampler's states for a pretrained model in fp32 and the separate
-forward otherwise (under autocast cached decoding and a full forward round differently at
+forward. ``auto`` uses the sampler's states for a pretrained model (``model=hf``) in fp32 and the
+separate forward otherwise (under autocast cached decoding and a full forward round differently at
 bf16's precision; the tiny model keeps the seeded figures of the docs).
 """
 
@@ -44,7 +44,7 @@ class Config:
     top_p: float = 1.0
     top_k: int = 0
     shuffle: bool = True
-    # auto: none when updates are on-policy, else sampler for a pretrained fp32 model, else rollout |
+    # auto: none when updates are on-policy, else sampler for model=hf in fp32, else rollout |
     # sampler: from the generation's own states | rollout: a separate no-grad forward
     old_logprobs: str = "auto"
 
@@ -114,12 +114,14 @@ def on_policy(trainer: Any, rows: int) -> bool:
 
 
 def sampler_states_by_default(ctx: Any) -> bool:
-    """``old_logprobs: auto`` off-policy: the sampler's states for a pretrained model trained in
-    fp32 (no autocast), unsharded and without adapters; else the separate forward."""
+    """``old_logprobs: auto``: the sampler's states for a pretrained model (``model=hf``) trained
+    in fp32 (no autocast), unsharded and without adapters; else the separate forward. (The tiny
+    model, also when a pipeline stage loads it from the previous stage, keeps the pass: the
+    docs quote its seeded figures.)"""
     from rlfuse import fsdp, models
 
     return (
-        bool(ctx.cfg.model.name_or_path) and ctx.precision.compute_dtype is None
+        ctx.cfg.model.kind == "hf" and ctx.precision.compute_dtype is None
         and not models.is_peft(ctx.policy) and fsdp.root_of(ctx.policy) is None
     )
 

@@ -157,7 +157,7 @@ def summarise(side: str, algo: str, clocks: list[tuple[float, float]], tokens: l
 def real_overrides(algo: str, data_dir: str) -> list[str]:
     """rlfuse overrides of the real-model workload (``REAL``)."""
     w = REAL[algo]
-    common = ["data=jsonl", "data.max_prompt_length=96", "trainer.schedule=constant", "trainer.warmup_steps=0",
+    common = ["model=hf", "data=jsonl", "data.max_prompt_length=96", "trainer.schedule=constant", "trainer.warmup_steps=0",
               "trainer.max_grad_norm=1.0"]
     if algo == "dpo":
         return ["algo=dpo", "loss.dpo.eval_pairs=0", f"data.preferences={data_dir}/preferences.jsonl",

@@ -208,6 +208,8 @@ def test_auto_is_bf16_mixed_on_an_amx_cpu_for_a_pretrained_model_only(monkeypatc
     monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: False)
     assert resolve_mode("auto", cpu, pretrained=True) == "fp32"
     monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: True)
-    cfg = compose(DPO + ["model.name_or_path=/some/folder"])
+    cfg = compose(DPO + ["model=hf", "model.name_or_path=/some/folder"])
     assert Precision.from_config(cfg, cpu).mode == "bf16-mixed"
     assert Precision.from_config(compose(DPO), cpu).mode == "fp32"
+    # the tiny model loaded from a folder (a pipeline's later stage) stays fp32: seeded figures
+    assert Precision.from_config(compose(DPO + ["model.name_or_path=/some/folder"]), cpu).mode == "fp32"

@@ -93,7 +93,7 @@ def test_ppo_with_sampler_states_trains_like_the_separate_pass(tmp_path, small_p
     from the sampler's states as from the separate no-grad forward. (With no reward signal
     at all the comparison would be meaningless: whitening turns the 1e-7 rounding of a zero
     KL penalty into unit advantages.)"""
-    over = [f"model.name_or_path={small_pretrained}", "trainer.precision=fp32"]
+    over = ["model=hf", f"model.name_or_path={small_pretrained}", "trainer.precision=fp32"]
     a = _run(tmp_path, "sampler", over + ["rollout.old_logprobs=sampler"])
     r = _run(tmp_path, "rollout", over + ["rollout.old_logprobs=rollout"])
     auto = _run(tmp_path, "auto", over)  # a pretrained model in fp32: the sampler's states
@@ -116,6 +116,7 @@ def test_auto_keeps_the_separate_pass_for_the_tiny_model_and_under_autocast(tmp_
         ctx.policy = models.load_policy(cfg.model, ctx.tokenizer, cfg.seed)
         return sampler_states_by_default(ctx)
 
-    assert default([f"model.name_or_path={small_pretrained}", "trainer.precision=fp32"])
+    assert default(["model=hf", f"model.name_or_path={small_pretrained}", "trainer.precision=fp32"])
     assert not default([])  # the tiny model: the seeded figures of the docs keep their pass
-    assert not default([f"model.name_or_path={small_pretrained}", "trainer.precision=bf16-mixed"])
+    assert not default([f"model.name_or_path={small_pretrained}", "trainer.precision=fp32"])  # a pipeline stage's
+    assert not default(["model=hf", f"model.name_or_path={small_pretrained}", "trainer.precision=bf16-mixed"])
