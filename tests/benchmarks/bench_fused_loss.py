@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 
+import timing  # tests/benchmarks/timing.py (the script's folder is on sys.path)
 import torch
 
 VARIANTS = {"unfused": "false", "fused": "auto"}
@@ -118,24 +119,11 @@ def micro(args) -> None:
         from rlfuse import models
 
         batch.ref_logprobs = models.forward(ref, batch).logprobs * batch.response_mask
-    for mode in VARIANTS.values():
-        step(mode)  # warm-up
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in VARIANTS}
-    for _ in range(args.repeats):
-        for name, mode in VARIANTS.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(args.iters):
-                step(mode)
-            times[name].append(((time.perf_counter() - w0) / args.iters, (time.process_time() - c0) / args.iters))
+    times = timing.alternate(step, VARIANTS, args.repeats, args.iters)
     tokens = int(batch.response_mask.sum())
     print(f"model={args.model} vocab={vocab} rows={args.rows} prompt={args.prompt} response<={args.response} "
           f"scored tokens={tokens} threads={args.threads} repeats={args.repeats} iters={args.iters}")  # fmt: skip
-    print("| variant | fwd+loss+bwd wall s (median) | CPU s (median) | all repeats (wall) |")
-    print("|---|---|---|---|")
-    for name, t in times.items():
-        walls, cpus = [w for w, _ in t], [c for _, c in t]
-        print(f"| {name} | {statistics.median(walls):.4f} | {statistics.median(cpus):.4f} | "
-              f"{', '.join(f'{w:.4f}' for w in walls)} |")  # fmt: skip
+    timing.print_table(times, "fwd+loss+bwd")
 
 
 def rm(args) -> None:
@@ -166,22 +154,9 @@ def rm(args) -> None:
         head(h[torch.arange(len(batch)), part.attention_mask.sum(1) - 1]).sum().backward()
 
     variants = {"log-probs computed (false)": "false", "stops before the lm_head (auto)": "auto"}
-    for mode in variants.values():
-        step(mode)
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for name, mode in variants.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(args.iters):
-                step(mode)
-            times[name].append(((time.perf_counter() - w0) / args.iters, (time.process_time() - c0) / args.iters))
+    times = timing.alternate(step, variants, args.repeats, args.iters)
     print(f"reward-model forward, model={args.model} vocab={vocab} rows={len(batch)} threads={args.threads}")
-    print("| variant | fwd+bwd wall s (median) | CPU s (median) | all repeats (wall) |")
-    print("|---|---|---|---|")
-    for name, t in times.items():
-        walls, cpus = [w for w, _ in t], [c for _, c in t]
-        print(f"| {name} | {statistics.median(walls):.4f} | {statistics.median(cpus):.4f} | "
-              f"{', '.join(f'{w:.4f}' for w in walls)} |")  # fmt: skip
+    timing.print_table(times, "fwd+bwd")
 
 
 def step_child(mode: str, steps: int, threads: int) -> None:

@@ -19,14 +19,13 @@ alternating repetitions of wall and CPU seconds (process time, all threads).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (tests/benchmarks/timing.py)
 
 
 def main() -> None:
@@ -64,25 +63,12 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         models.forward(model, batch, entropy=True).logprobs.sum().backward()
 
-    for p in (False, True):
-        step(p)
-    times: dict[str, list[tuple[float, float]]] = {"padded": [], "packed": []}
-    for _ in range(a.repeats):
-        for name, p in (("padded", False), ("packed", True)):
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(a.iters):
-                step(p)
-            times[name].append(((time.perf_counter() - w0) / a.iters, (time.process_time() - c0) / a.iters))
+    times = timing.alternate(step, {"padded": False, "packed": True}, a.repeats, a.iters)
     B, T = batch.input_ids.shape
     shape = f"{tuple(lay.input_ids.shape)}" if lay is not None else "not packed"
     print(f"model={a.model} attn={model.config._attn_implementation} rows={B} padded={B}x{T}={B * T} "
           f"real={int(batch.attention_mask.sum())} packed={shape} threads={a.threads} repeats={a.repeats}")  # fmt: skip
-    print("| variant | fwd+bwd wall s (median) | CPU s (median) | all repeats (wall) |")
-    print("|---|---|---|---|")
-    for name, t in times.items():
-        walls, cpus = [w for w, _ in t], [c for _, c in t]
-        print(f"| {name} | {statistics.median(walls):.4f} | {statistics.median(cpus):.4f} | "
-              f"{', '.join(f'{w:.4f}' for w in walls)} |")  # fmt: skip
+    timing.print_table(times, "fwd+bwd")
 
 
 if __name__ == "__main__":
