@@ -15,8 +15,8 @@ bf16-true      bf16                fp32 (AdamW moments)      bf16; the update is
 =============  ==================  ========================  ==================================
 
 ``auto`` (the default) is ``bf16-mixed`` on a CUDA device that supports bf16 and on a CPU with
-AMX for a pretrained model, and ``fp32`` elsewhere (on a CPU without bf16 instructions bf16
-autocast is slower than fp32: see docs/precision.md for the measurements).
+AMX for a pretrained model (``model=hf``), and ``fp32`` elsewhere (on a CPU without bf16
+instructions bf16 autocast is slower than fp32: see docs/precision.md for the measurements).
 
 Why not plain AdamW on bf16 weights: a bf16 number has 8 significant bits, so an update
 smaller than half the spacing between neighbouring bf16 values (``|w| * 2**-9``) rounds back to

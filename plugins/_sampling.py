@@ -25,12 +25,23 @@ class SamplingConfig:
     share_prompt: bool = True  # prefill a prompt repeated in consecutive rows once (a group)
 
 
+def forward_params(model: Any) -> Any:
+    """The keyword names the model's ``forward`` accepts."""
+    import inspect
+
+    return inspect.signature(model.forward).parameters
+
+
 def cache_arg(model: Any) -> str:
     """The name transformers gives the KV-cache argument (``cache`` from 5.x, before that
     ``past_key_values``)."""
-    import inspect
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+def linear_head(model: Any) -> torch.nn.Linear | None:
+    """The model's lm_head when it is a plain linear layer (what the sampler reads), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Linear) else None
 
 
 def shared_prompt_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any | None:
@@ -57,11 +68,9 @@ def shared_prompt_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> An
     m = mask[uniq, :-1]
     pos = (m.long().cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    import inspect
-
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}  # only the cache is wanted
     model(input_ids=ids[uniq, :-1], attention_mask=m, position_ids=pos, use_cache=True, **{cache_arg(model): cache},
-          **keep)  # only the cache is wanted: no lm_head over every prompt position
+          **keep)
     cache.batch_select_indices(owner.to(ids.device))
     return cache
 
@@ -93,10 +102,10 @@ def skinny_lm_head(model: Any, rows: int) -> Iterator[None]:
     remembered; the padded rows are zeros and cut off, so the logits are the same numbers up
     to float rounding. Only for fp32 weights on the CPU, outside autocast, vocabulary >= 8192.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    w = getattr(head, "weight", None)
+    head = linear_head(model)
+    w = head.weight if head is not None else None
     if (
-        not isinstance(head, torch.nn.Linear) or w is None or w.device.type != "cpu" or w.dtype != torch.float32
+        w is None or w.device.type != "cpu" or w.dtype != torch.float32
         or not 2 <= rows < SKINNY_ROWS or w.shape[0] < 8192 or torch.is_autocast_enabled("cpu")
     ):
         yield
@@ -131,8 +140,8 @@ def capture_head_inputs(model: Any) -> Iterator[list[torch.Tensor] | None]:
     """Record the hidden state each generation step feeds the lm_head (the last position of
     each call: the state the next token is sampled from), detached; ``None`` when the model's
     output embedding is not a plain linear layer."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
+    head = linear_head(model)
+    if head is None:
         yield None
         return
     caps: list[torch.Tensor] = []
@@ -163,7 +172,7 @@ def sampler_forward(model: Any, caps: list[torch.Tensor], input_ids: torch.Tenso
     hidden = states.new_zeros(B, T, states.shape[-1])
     hidden[:, P - 1 : P - 1 + L] = states
     bi, ti = scored_positions(response_mask, attention).nonzero(as_tuple=True)
-    head = model.get_output_embeddings()
+    head = linear_head(model)
     inputs = HeadInputs(
         labels=input_ids[bi, ti], shape=(B, T), index=(bi, ti), hidden=hidden[bi, ti - 1], weight=head.weight,
         bias=head.bias,
