@@ -46,8 +46,11 @@ def test_on_policy_equals_separate_pass(tmp_path, algo):
         assert a["policy/ratio_mean"] == 1.0  # exactly: old = the forward itself
         assert r["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
         assert a["policy/clipfrac"] == 0.0
+    # the separate pass's ratio is 1 only to ~1e-6, and Adam divides by sqrt(v): a weight whose
+    # gradient is near zero can move by a visible fraction of lr on that alone (measured 1.7e-5
+    # on one of 4,096 weights on an AMD EPYC VM); the steps move weights by ~lr (1e-3) or more
     for k in w_a:
-        torch.testing.assert_close(w_a[k], w_r[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(w_a[k], w_r[k], rtol=1e-4, atol=5e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_off_policy_keeps_the_rollout_pass(tmp_path):
