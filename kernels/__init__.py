@@ -28,7 +28,12 @@ if __name__ == "kernels":
     _sys.modules["kernels"] = _module  # what `import kernels` returns
     _spec.loader.exec_module(_module)
 else:
-    from ._dispatch import BACKENDS, get_default_backend, set_default_backend, triton_interpreter_active
+    from ._dispatch import (
+        BACKENDS,
+        get_default_backend,
+        set_default_backend,
+        triton_interpreter_active,
+    )
     from .logprobs import linear_token_logprobs, token_logprobs
     from .policy_loss import (
         PolicyLossConfig,

@@ -21,7 +21,7 @@ from rlfuse import hookimpl
 from rlfuse.errors import require
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins._rules import call_rule, load_function
-from rlfuse.plugins._sampling import SamplingConfig, sample
+from rlfuse.plugins._sampling import ENGINES, SamplingConfig, sample
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Config:
     temperature: float = 1.0
     scorers: list[str] = field(default_factory=list)  # reward components that also score
     samples: int = 3  # example responses recorded in eval_samples.jsonl
+    engine: str = "auto"  # auto | rlfuse | hf: as rollout=generate's engine
 
     def __post_init__(self) -> None:
         require(self.num_prompts >= 1, "num_prompts", ">= 1", self.num_prompts)
@@ -40,6 +41,7 @@ class Config:
         require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         require(self.temperature > 0, "temperature", "> 0", self.temperature)
         require(self.samples >= 0, "samples", ">= 0", self.samples)
+        require(self.engine in ENGINES, "engine", "auto, rlfuse or hf", self.engine)
 
 
 class Plugin:
@@ -77,7 +79,8 @@ class Plugin:
         self.items = [(i, r.row) for i, r in zip(ids, recs, strict=True)]
         self.fn = load_function(data.reward_fn, "data.reward_fn")
         self.sampling = SamplingConfig(
-            max_new_tokens=self.cfg.max_new_tokens, greedy=self.cfg.greedy, temperature=self.cfg.temperature
+            max_new_tokens=self.cfg.max_new_tokens, greedy=self.cfg.greedy, temperature=self.cfg.temperature,
+            engine=self.cfg.engine,
         )
 
     @hookimpl

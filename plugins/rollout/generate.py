@@ -32,7 +32,7 @@ from rlfuse.data import Batch
 from rlfuse.errors import require
 from rlfuse.plugins._data.records import encode_prompts, prompt_text, read_jsonl
 from rlfuse.plugins._data.stream import RecordStream, StreamPlugin, shard
-from rlfuse.plugins._sampling import SamplingConfig, sample
+from rlfuse.plugins._sampling import ENGINES, SamplingConfig, sample
 
 
 @dataclass
@@ -47,6 +47,9 @@ class Config:
     # auto: none when updates are on-policy, else sampler for model=hf in fp32, else rollout |
     # sampler: from the generation's own states | rollout: a separate no-grad forward
     old_logprobs: str = "auto"
+    # auto: rlfuse's decode loop for a vocabulary >= 8192, else transformers' generate |
+    # rlfuse | hf (plugins/rollout/generate.md)
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
@@ -57,6 +60,7 @@ class Config:
         require(self.old_logprobs in ("auto", "rollout", "sampler"), "old_logprobs", "auto, rollout or sampler",
                 self.old_logprobs)
         require(self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
+        require(self.engine in ENGINES, "engine", "auto, rlfuse or hf", self.engine)
 
 
 class Plugin(StreamPlugin):
@@ -67,7 +71,8 @@ class Plugin(StreamPlugin):
         self.name = name
         self.stream: RecordStream | None = None
         self.sampling = SamplingConfig(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            engine=cfg.engine,
         )
 
     @hookimpl

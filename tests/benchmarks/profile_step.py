@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=0, help="also print the N torch ops with the most self CPU time")
     ap.add_argument("--shapes", action="store_true", help="group the op table by input shapes")
     ap.add_argument("--top", type=int, default=0, help="also print the N functions with the most cumulative time")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra rlfuse override (repeatable), e.g. --set trainer.host_memory=release")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -91,7 +93,7 @@ def main() -> None:
             "algo.warmup=null", "eval=[]", "logger=[jsonl]", f"model.name_or_path={a.model}",
             f"trainer.max_steps={a.warmup + a.steps}", "trainer.progress=false", "trainer.eval_every=0",
             f"trainer.threads={a.threads}", "model.dtype=float32", f"trainer.precision={a.precision}",
-        ]
+        ] + a.set
         trainer.train(compose(over), Path(tmp) / "run")
     st = pstats.Stats(prof)
     total = seen["wall"] / a.steps

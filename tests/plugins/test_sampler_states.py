@@ -26,7 +26,8 @@ def _llama(vocab=300, tie=True, seed=0):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "distinct-prompts"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_sampler_states_equal_a_separate_forward(shared, tie):
+@pytest.mark.parametrize("engine", ["hf", "rlfuse"])
+def test_sampler_states_equal_a_separate_forward(shared, tie, engine):
     tok = build_tiny_tokenizer()
     model = _llama(tie=tie)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -34,8 +35,8 @@ def test_sampler_states_equal_a_separate_forward(shared, tie):
     prompts = [[bos, 5, 6, 7, 8], [bos, 5, 6, 7, 8], [bos, 9, 10], [bos, 9, 10]] if shared else (
         [[bos, 5, 6, 7, 8], [bos, 11], [bos, 9, 10], [bos, 12, 13, 14]])
     torch.manual_seed(1)
-    batch = sample(model, tok, prompts, SamplingConfig(max_new_tokens=7, temperature=0.9), torch.device("cpu"),
-                   capture=True)
+    batch = sample(model, tok, prompts, SamplingConfig(max_new_tokens=7, temperature=0.9, engine=engine),
+                   torch.device("cpu"), capture=True)
     got = batch.rollout_forward
     assert got is not None and got.hidden.shape == (*batch.input_ids.shape, 32)
     with torch.no_grad():

@@ -28,13 +28,14 @@ def prompts(tok, n):
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_shared_prompt_generates_the_same(tiny, greedy):
+@pytest.mark.parametrize("engine", ["hf", "rlfuse"])
+def test_shared_prompt_generates_the_same(tiny, greedy, engine):
     tok, model = tiny
     ids = prompts(tok, 3)
     out = {}
     for share in (False, True):
         torch.manual_seed(0)
-        cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, temperature=0.9, share_prompt=share)
+        cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, temperature=0.9, share_prompt=share, engine=engine)
         out[share] = sample(model, tok, ids, cfg, torch.device("cpu"))
     assert torch.equal(out[True].input_ids, out[False].input_ids)
     assert torch.equal(out[True].response_mask, out[False].response_mask)
