@@ -107,7 +107,7 @@ class TrainerConfig:
     progress: bool = True  # console progress bar
     # Compute precision, separate from the weights' dtype (docs/precision.md):
     # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true; auto = bf16-mixed on a bf16 GPU and, for
-    # model=hf (a pretrained model), on a CPU with AMX; else fp32
+    # model=hf (a pretrained model), on a CPU with AMX or AVX512-BF16; else fp32
     precision: str = "auto"
     save_dtype: str | None = None  # dtype of final/'s weights: null = the trained weights' dtype
     # Under torchrun: ddp = the ranks train one model (gradients summed, global batch);

@@ -15,7 +15,7 @@ bf16-true      bf16                fp32 (AdamW moments)      bf16; the update is
 =============  ==================  ========================  ==================================
 
 ``auto`` (the default) is ``bf16-mixed`` on a CUDA device that supports bf16 and on a CPU with
-AMX for a pretrained model (``model=hf``), and ``fp32`` elsewhere (on a CPU without bf16
+bf16 instructions (AMX or AVX512-BF16) for a pretrained model (``model=hf``), and ``fp32`` elsewhere (on a CPU without bf16
 instructions bf16 autocast is slower than fp32: see docs/precision.md for the measurements).
 
 Why not plain AdamW on bf16 weights: a bf16 number has 8 significant bits, so an update
@@ -44,21 +44,30 @@ MODES = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 _LOW = {"bfloat16", "float16"}
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this (Linux) CPU has AMX bf16 tiles, where bf16 matmuls outrun fp32 ones."""
+#: CPU flags (/proc/cpuinfo) of native bf16 matrix instructions: AMX tiles, AVX512-BF16 dot products
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this (Linux) CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16),
+    where bf16 autocast outruns fp32 (measured: docs/precision.md)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in line.split(":", 1)[-1].split() for flag in BF16_CPU_FLAGS)
     except OSError:
-        return False
+        pass
+    return False
 
 
 def resolve_mode(mode: str, device: torch.device, pretrained: bool = False) -> str:
     """``auto`` -> a concrete mode for ``device``; any other valid mode is returned as is.
 
-    ``auto``: bf16-mixed on a bf16 GPU, and on a CPU with AMX for a pretrained model
-    (``pretrained``: ``model=hf``; measured 1.17-1.34x faster than fp32 there, docs/precision.md;
-    on a CPU without bf16 instructions autocast was 1.9x slower); fp32 elsewhere. The tiny model
+    ``auto``: bf16-mixed on a bf16 GPU, and on a CPU with bf16 instructions (AMX or AVX512-BF16)
+    for a pretrained model (``pretrained``: ``model=hf``; measured 1.17-1.34x faster than fp32 with
+    AMX, 1.4-1.7x with AVX512-BF16 alone, docs/precision.md; on a CPU without bf16 instructions
+    autocast was 1.9x slower); fp32 elsewhere. The tiny model
     -- built, or a stage of a pipeline loading the previous stage's tiny model -- stays fp32: its
     per-op overhead dominates, and the docs quote its seeded fp32 figures."""
     if mode not in MODES:
@@ -67,7 +76,7 @@ def resolve_mode(mode: str, device: torch.device, pretrained: bool = False) -> s
         return mode
     if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
-    if device.type == "cpu" and pretrained and cpu_has_amx_bf16():
+    if device.type == "cpu" and pretrained and cpu_has_bf16_matmul():
         return "bf16-mixed"
     return "fp32"
 

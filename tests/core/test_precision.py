@@ -197,19 +197,37 @@ def test_ref_dtype_auto_is_bf16_under_bf16_mixed_only(tmp_path):
     assert ref_dtype("trainer.precision=bf16-mixed", "model.ref_dtype=float32") == torch.float32
 
 
-def test_auto_is_bf16_mixed_on_an_amx_cpu_for_a_pretrained_model_only(monkeypatch):
+def test_auto_is_bf16_mixed_on_a_bf16_cpu_for_a_pretrained_model_only(monkeypatch):
     import rlfuse.precision as P
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(P, "cpu_has_bf16_matmul", lambda: True)
     assert resolve_mode("auto", cpu, pretrained=True) == "bf16-mixed"
     assert resolve_mode("auto", cpu, pretrained=False) == "fp32"  # the tiny model
     assert resolve_mode("fp32", cpu, pretrained=True) == "fp32"  # an explicit mode is kept
-    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(P, "cpu_has_bf16_matmul", lambda: False)
     assert resolve_mode("auto", cpu, pretrained=True) == "fp32"
-    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(P, "cpu_has_bf16_matmul", lambda: True)
     cfg = compose(DPO + ["model=hf", "model.name_or_path=/some/folder"])
     assert Precision.from_config(cfg, cpu).mode == "bf16-mixed"
     assert Precision.from_config(compose(DPO), cpu).mode == "fp32"
     # the tiny model loaded from a folder (a pipeline's later stage) stays fp32: seeded figures
     assert Precision.from_config(compose(DPO + ["model.name_or_path=/some/folder"]), cpu).mode == "fp32"
+
+
+@pytest.mark.parametrize("flags,want", [
+    ("fpu sse avx512f avx512_bf16 avx512_vnni", True),  # AMD EPYC (Zen 4): AVX512-BF16, no AMX
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),  # Xeon with AMX
+    ("fpu avx512f avx512_vnni", False),  # AVX-512 without bf16
+    ("fpu avx2 avx512_bf16x", False),  # a flag that only starts with the name
+])
+def test_bf16_cpu_flags(tmp_path, monkeypatch, flags, want):
+    import builtins
+
+    import rlfuse.precision as P
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    assert P.cpu_has_bf16_matmul() is want
