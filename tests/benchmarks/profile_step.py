@@ -1,6 +1,6 @@
 """Where a real-model rlfuse step's time goes (cProfile of one step after warm-up).
 
-    python tests/benchmarks/profile_step.py [--algo grpo] [--model DIR] [--warmup 1] [--steps 1]
+    python tests/benchmarks/profile_step.py [--algo grpo] [--model DIR] [--warmup 1] [--steps 1] [--set KEY=VALUE ...]
 
 The workload is bench_vs_trl.py's real-model one (``REAL``). Prints the cumulative CPU-side
 time of the parts of a step (generation, the training forward, backward, reference,
@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 # (label, file suffix, function name): cumulative time of the first match
 PARTS = [
-    ("generation: HF generate", "generation/utils.py", "generate"),
+    ("generation (rlfuse's decode loop or HF generate)", "_sampling.py", "sample"),
     ("  of which: shared-prompt prefill", "_sampling.py", "shared_prompt_cache"),
     ("rollout old-log-prob / value forward (no grad)", "generate.py", "old_policy_forward"),
     ("reference forward (no grad)", "trainer.py", "ref_logprobs"),
