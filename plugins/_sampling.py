@@ -44,6 +44,13 @@ def cache_arg(model: Any) -> str:
     return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
+def causal_lm(model: Any) -> Any:
+    """The transformers model to call for cached decoding: a peft model's base model (its LoRA
+    layers sit inside it, so the adapters apply), else ``model`` itself. peft's own ``forward``
+    takes neither ``position_ids`` nor the cache by name."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def linear_head(model: Any) -> torch.nn.Linear | None:
     """The model's lm_head when it is a plain linear layer (what the sampler reads), else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -73,6 +80,7 @@ def shared_prompt_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> An
     owner = first.long().cumsum(0) - 1  # (B,) index into uniq of each row
     m = mask[uniq, :-1]
     pos = (m.long().cumsum(-1) - 1).clamp_min(0)
+    model = causal_lm(model)
     cache = DynamicCache(config=model.config)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}  # only the cache is wanted
     model(input_ids=ids[uniq, :-1], attention_mask=m, position_ids=pos, use_cache=True, **{cache_arg(model): cache},
@@ -245,6 +253,7 @@ def decode(model: Any, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfi
     from transformers import DynamicCache
 
     B = ids.shape[0]
+    model = causal_lm(model)
     params = forward_params(model)
     cache = cache if cache is not None else DynamicCache(config=model.config)
     done = cache.get_seq_length()  # prompt columns already in the cache

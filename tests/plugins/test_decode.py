@@ -168,3 +168,25 @@ def test_engine_is_checked():
 
     with pytest.raises(ConfigError, match="engine"):
         Config(engine="vllm")
+
+
+def test_greedy_decode_equals_generate_with_lora(tiny):
+    """A peft model: decoding calls its base model (the adapters live inside it; peft's own
+    ``forward`` takes neither positions nor the cache by name): the tokens of peft's
+    ``generate``."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    tok, base = tiny
+    torch.manual_seed(1)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False)).eval()
+    out = {}
+    for engine in ("hf", "rlfuse"):
+        cfg = SamplingConfig(max_new_tokens=10, greedy=True, engine=engine)
+        out[engine] = sample(model, tok, _prompts(tok), cfg, torch.device("cpu"))
+    assert torch.equal(out["hf"].input_ids, out["rlfuse"].input_ids)
+    plain = sample(base, tok, _prompts(tok), SamplingConfig(max_new_tokens=10, greedy=True, engine="rlfuse"),
+                   torch.device("cpu"))
+    assert not torch.equal(plain.input_ids, out["rlfuse"].input_ids)  # the adapters were applied
