@@ -15,8 +15,9 @@ bf16-true      bf16                fp32 (AdamW moments)      bf16; the update is
 =============  ==================  ========================  ==================================
 
 ``auto`` (the default) is ``bf16-mixed`` on a CUDA device that supports bf16 and on a CPU with
-bf16 instructions (AMX or AVX512-BF16) for a pretrained model (``model=hf``), and ``fp32`` elsewhere (on a CPU without bf16
-instructions bf16 autocast is slower than fp32: see docs/precision.md for the measurements).
+bf16 instructions (AMX or AVX512-BF16) for a pretrained model (``model=hf``), and ``fp32``
+elsewhere (on a CPU without bf16 instructions bf16 autocast is slower than fp32: see
+docs/precision.md for the measurements).
 
 Why not plain AdamW on bf16 weights: a bf16 number has 8 significant bits, so an update
 smaller than half the spacing between neighbouring bf16 values (``|w| * 2**-9``) rounds back to
@@ -66,10 +67,10 @@ def resolve_mode(mode: str, device: torch.device, pretrained: bool = False) -> s
 
     ``auto``: bf16-mixed on a bf16 GPU, and on a CPU with bf16 instructions (AMX or AVX512-BF16)
     for a pretrained model (``pretrained``: ``model=hf``; measured 1.17-1.34x faster than fp32 with
-    AMX, 1.4-1.7x with AVX512-BF16 alone, docs/precision.md; on a CPU without bf16 instructions
-    autocast was 1.9x slower); fp32 elsewhere. The tiny model
-    -- built, or a stage of a pipeline loading the previous stage's tiny model -- stays fp32: its
-    per-op overhead dominates, and the docs quote its seeded fp32 figures."""
+    AMX, 1.46-1.65x with AVX512-BF16 alone, docs/precision.md; on a CPU without bf16
+    instructions autocast was 1.9x slower); fp32 elsewhere. The tiny model -- built, or a stage
+    of a pipeline loading the previous stage's tiny model -- stays fp32: its per-op overhead
+    dominates, and the docs quote its seeded fp32 figures."""
     if mode not in MODES:
         raise ValueError(f"trainer.precision must be one of {', '.join(MODES)}; got '{mode}'")
     if mode != "auto":

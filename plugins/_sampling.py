@@ -259,13 +259,14 @@ def decode(model: Any, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfi
     done = cache.get_seq_length()  # prompt columns already in the cache
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
     extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_key = cache_arg(model)
     inp, at = ids[:, done:], pos[:, done:]
     attn = mask
     alive = torch.ones(B, dtype=torch.bool, device=ids.device)
     out: list[torch.Tensor] = []
     for _ in range(cfg.max_new_tokens):
         kw = dict(extra, position_ids=at) if "position_ids" in params else extra
-        logits = model(input_ids=inp, attention_mask=attn, use_cache=True, **{cache_arg(model): cache}, **kw).logits
+        logits = model(input_ids=inp, attention_mask=attn, use_cache=True, **{cache_key: cache}, **kw).logits
         tok = draw(logits[:, -1], cfg)
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         out.append(tok)
