@@ -271,6 +271,49 @@ def _from_hidden_ok(model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
 
 
+#: Vocabularies from this size up get the tied-embedding gradient fold of :func:`trunk_inputs`
+#: (below it the (V, H) temporary is small; the tiny model keeps its seeded figures).
+FOLD_MIN_VOCAB = 8192
+
+
+def trunk_inputs(model: nn.Module, ids: torch.Tensor, fold: bool = True) -> dict[str, torch.Tensor]:
+    """The token inputs of a forward: ``input_ids``, or -- when the trained input embedding is
+    tied to the lm_head (one (V, H) weight) -- ``inputs_embeds`` looked up from the detached
+    weight, whose gradient a hook adds into the weight's gradient row by row.
+
+    Why: autograd sums the two gradients of a tied weight, the lm_head's (V, H) product and the
+    embedding's, which ``embedding_backward`` makes as a zero-filled (V, H) tensor (SmolLM2:
+    113 MiB fp32) at the very end of the backward, where the step's peak memory is (every other
+    gradient exists by then). ``index_add_`` of the looked-up rows needs none. Same gradient up
+    to the order of fp32 additions (tested). Only for a plain ``nn.Embedding`` (no max_norm,
+    frequency scaling or sparse gradient), in a grad-enabled forward, ``fold`` (False under
+    fsdp, whose unsharded weights are not leaves) and a vocabulary >= :data:`FOLD_MIN_VOCAB`."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if not (
+        fold and torch.is_grad_enabled() and type(emb) is nn.Embedding and w is not None and w.is_leaf
+        and w.requires_grad and getattr(head, "weight", None) is w and w.shape[0] >= FOLD_MIN_VOCAB
+        and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
+    ):  # fmt: skip
+        return {"input_ids": ids}
+    e = nn.functional.embedding(ids, w.detach(), emb.padding_idx).requires_grad_()
+    pad = emb.padding_idx
+
+    def fold_rows(leaf: torch.Tensor) -> None:
+        g, leaf.grad = leaf.grad, None
+        rows, idx = g.reshape(-1, g.shape[-1]), ids.reshape(-1)
+        if pad is not None:  # embedding_backward gives the padding row no gradient
+            keep = idx != pad
+            rows, idx = rows[keep], idx[keep]
+        if w.grad is None:  # the lm_head's gradient comes later (or not at all): start it
+            w.grad = torch.zeros_like(w)
+        w.grad.index_add_(0, idx, rows.to(w.grad.dtype))
+
+    e.register_post_accumulate_grad_hook(fold_rows)
+    return {"inputs_embeds": e}
+
+
 def forward(
     model: nn.Module,
     batch: Batch,
@@ -296,12 +339,14 @@ def forward(
 
     root = root_of(model)
     if root is not None:  # sharded (trainer.strategy=fsdp): gather the root parameters around it all
-        return root(_forward, model, batch, entropy=entropy, hidden=hidden, temperature=temperature, head=head)
+        return root(_forward, model, batch, entropy=entropy, hidden=hidden, temperature=temperature, head=head,
+                    fold=False)  # fmt: skip
     return _forward(model, batch, entropy=entropy, hidden=hidden, temperature=temperature, head=head)
 
 
 def _forward(
-    model: nn.Module, batch: Batch, *, entropy: bool, hidden: bool, temperature: float, head: bool = False
+    model: nn.Module, batch: Batch, *, entropy: bool, hidden: bool, temperature: float, head: bool = False,
+    fold: bool = True,
 ) -> ForwardOutput:
     if isinstance(model, AdapterDisabled):  # a LoRA policy's reference: the base alone
         with model.peft_model.disable_adapter():
@@ -311,9 +356,10 @@ def _forward(
     ids, mask = batch.input_ids, batch.attention_mask
     pos = position_ids(mask)
     if _from_hidden_ok(model):
-        inputs, h = _forward_scored(model, batch, pos, hidden=hidden, temperature=temperature)
+        inputs, h = _forward_scored(model, batch, pos, hidden=hidden, temperature=temperature, fold=fold)
     else:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=hidden)
+        tokens = trunk_inputs(model, ids, fold)
+        out = model(**tokens, attention_mask=mask, position_ids=pos, output_hidden_states=hidden)
         h = out.hidden_states[-1] if hidden else None
         # (B, T): column t holds the token t + 1 that logits[:, t] predicts; a row's first real
         # token has no prediction (padding before it) and the last column none: not scored
@@ -340,7 +386,7 @@ def configure(cfg: ModelConfig) -> None:
 
 
 def _forward_scored(
-    model: nn.Module, batch: Batch, pos: torch.Tensor, *, hidden: bool, temperature: float
+    model: nn.Module, batch: Batch, pos: torch.Tensor, *, hidden: bool, temperature: float, fold: bool = True
 ) -> tuple[HeadInputs, torch.Tensor | None]:
     """The hidden-states path of :func:`forward`: the trunk's final hidden states at the
     scored positions only, padding columns dropped, shared prompts run once (see
@@ -360,7 +406,7 @@ def _forward_scored(
     if layout is not None:
         dtype = next(model.parameters()).dtype
         out = model.base_model(
-            input_ids=layout.input_ids,
+            **trunk_inputs(model, layout.input_ids, fold),
             attention_mask=layout.attention_mask(impl, dtype),
             position_ids=layout.position_ids,
         )
@@ -371,7 +417,8 @@ def _forward_scored(
             h = flat[layout.where.clamp_min(0)] * real[..., None].to(flat.dtype)  # (B, T, H)
     else:
         cols = packing.trim_columns(mask)
-        out = model.base_model(input_ids=ids[:, cols], attention_mask=mask[:, cols], position_ids=pos[:, cols])
+        tokens = trunk_inputs(model, ids[:, cols], fold)
+        out = model.base_model(**tokens, attention_mask=mask[:, cols], position_ids=pos[:, cols])
         hc = out.last_hidden_state  # (B, T', H)
         rows = hc[bi, ti - 1 - cols.start]  # (N, H)
         if hidden:

@@ -577,7 +577,7 @@ def _train_step(ctx: Context, opt: torch.optim.Optimizer, params: list[nn.Parame
             for part in mb.split(micro):
                 part.totals = totals
                 sources: dict[str, str] = {}
-                with ctx.precision.autocast():
+                with ctx.precision.autocast(cache=False):  # no bf16 weight copies kept (core/precision.py)
                     terms, stats = _collect_losses(ctx, part, sources)
                 bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
                 if bad:  # never back-propagated: the gradients stay finite
