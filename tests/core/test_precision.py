@@ -10,6 +10,8 @@ from rlfuse import models
 from rlfuse.precision import (
     Precision,
     StochasticRoundingAdamW,
+    _pack,
+    _unpack,
     check_model_dtype,
     resolve_mode,
     round_stochastic_,
@@ -231,3 +233,52 @@ def test_bf16_cpu_flags(tmp_path, monkeypatch, flags, want):
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
     assert P.cpu_has_bf16_matmul() is want
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 40, bias=False), torch.nn.LayerNorm(40),
+        torch.nn.Linear(40, 7),
+    )
+
+
+@pytest.mark.parametrize("mode", ["bf16-mixed", "fp16-mixed"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_recast_weights_give_bitwise_the_same_gradients(mode, cache):
+    """The mixed modes' forward saves the fp32 weight, not its low-precision copy, and the
+    backward casts it again: the gradients are bitwise those of plain autocast."""
+    prec = Precision(mode, torch.device("cpu"))
+    x = torch.randn(13, 24)
+    grads = []
+    for ctx in (torch.autocast("cpu", dtype=prec.compute_dtype), prec.autocast(cache=cache)):
+        model = _mlp()
+        with ctx:
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_recast_saves_a_reference_for_casts_of_trained_weights_only():
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    frozen = torch.randn(5, 3)
+    for t in (w.to(torch.bfloat16), w.to(torch.float16), w.to(torch.bfloat16).t()):
+        saved = _pack(t)
+        assert not isinstance(saved, torch.Tensor) and saved[0] is w  # no copy kept
+        back = _unpack(saved)
+        assert torch.equal(back, t) and back.stride() == t.stride() and back.dtype == t.dtype
+    act = (w * 2).to(torch.bfloat16)  # an activation: kept as it is
+    for t in (act, frozen.to(torch.bfloat16), w, w.to(torch.bfloat16)[:2]):
+        assert _pack(t) is t
+
+
+def test_recast_refuses_a_weight_changed_between_forward_and_backward():
+    model = _mlp()
+    with Precision("bf16-mixed", torch.device("cpu")).autocast(cache=False):
+        loss = model(torch.randn(4, 24)).float().sum()
+    with torch.no_grad():
+        model[2].weight.add_(1.0)  # its cast is saved: the backward needs it for the input gradient
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        loss.backward()
