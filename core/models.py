@@ -271,9 +271,10 @@ def _from_hidden_ok(model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
 
 
-#: Vocabularies from this size up get the tied-embedding gradient fold of :func:`trunk_inputs`
-#: (below it the (V, H) temporary is small; the tiny model keeps its seeded figures).
-FOLD_MIN_VOCAB = 8192
+#: Vocabularies from this size up (real tokenizers) get the tied-embedding gradient fold of
+#: :func:`trunk_inputs` (below it the (V, H) temporary is small) and the common-prefix layout of
+#: :mod:`rlfuse.packing`; the tiny model (99 tokens) keeps its seeded figures.
+LARGE_VOCAB = 8192
 
 
 def trunk_inputs(model: nn.Module, ids: torch.Tensor, fold: bool = True) -> dict[str, torch.Tensor]:
@@ -287,13 +288,13 @@ def trunk_inputs(model: nn.Module, ids: torch.Tensor, fold: bool = True) -> dict
     gradient exists by then). ``index_add_`` of the looked-up rows needs none. Same gradient up
     to the order of fp32 additions (tested). Only for a plain ``nn.Embedding`` (no max_norm,
     frequency scaling or sparse gradient), in a grad-enabled forward, ``fold`` (False under
-    fsdp, whose unsharded weights are not leaves) and a vocabulary >= :data:`FOLD_MIN_VOCAB`."""
+    fsdp, whose unsharded weights are not leaves) and a vocabulary >= :data:`LARGE_VOCAB`."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     w = getattr(emb, "weight", None)
     if not (
         fold and torch.is_grad_enabled() and type(emb) is nn.Embedding and w is not None and w.is_leaf
-        and w.requires_grad and getattr(head, "weight", None) is w and w.shape[0] >= FOLD_MIN_VOCAB
+        and w.requires_grad and getattr(head, "weight", None) is w and w.shape[0] >= LARGE_VOCAB
         and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
     ):  # fmt: skip
         return {"input_ids": ids}
@@ -400,7 +401,9 @@ def _forward_scored(
     impl = getattr(model.config, "_attn_implementation", None)
     layout = None
     if (SHARE_PREFIX or PACK) and impl in ("sdpa", "eager"):
-        layout = packing.plan_shared_prefixes(ids, mask, batch.response_mask, pos, pack=PACK, share=SHARE_PREFIX)
+        common = SHARE_PREFIX and getattr(model.config, "vocab_size", 0) >= LARGE_VOCAB
+        layout = packing.plan_shared_prefixes(ids, mask, batch.response_mask, pos, pack=PACK, share=SHARE_PREFIX,
+                                              common=common)  # fmt: skip
     bi, ti = score.nonzero(as_tuple=True)  # scored tokens; each is predicted at t - 1
     h = None
     if layout is not None:

@@ -16,6 +16,13 @@ Three things in such a batch cost compute and change nothing in the result:
   in which an answer sees the prompt and itself only. Every token then sees exactly the
   tokens, at the same positions, that it sees in its own row: the same math, with the prompt's
   layers computed once instead of ``k`` times (Wang et al. 2024 call it prefix sharing).
+* **a prefix common to different prompts** (``common=True``): a system prompt and a task's
+  fixed wording head every prompt of a batch (SmolLM2's chat template: 27 of a 47-token
+  prompt). The whole batch then becomes ONE sequence ``common prefix, rest of prompt 1,
+  its answers, rest of prompt 2, its answers, ...``: every token also sees the common
+  prefix, at the same positions as in its row. Taken only when it computes fewer positions
+  than the per-prompt layout and the sequence stays at most :data:`MAX_COMMON_LENGTH` long
+  (one sequence's attention grows with the square of its length).
 
 All three are equal to the plain forward up to float rounding (tests/core/test_packing.py
 checks log-probs, entropy, hidden states and gradients).
@@ -32,6 +39,10 @@ Tensor = torch.Tensor
 # Share prefixes only when the packed layout computes at most this fraction of the padded
 # layout's token positions (the 4D mask and the scatter back are not free).
 MIN_SAVING = 0.15
+# The common-prefix layout: a prefix of at least this many tokens, a sequence of at most this many.
+MIN_COMMON_PREFIX = 8
+MAX_COMMON_LENGTH = 2048
+_ROOT = -2  # the group index of the common prefix's positions
 
 
 def scored_positions(response_mask: Tensor, attention_mask: Tensor) -> Tensor:  # (B, T) bool
@@ -73,7 +84,7 @@ class SharedLayout:
 
 def plan_shared_prefixes(
     input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, position_ids: Tensor,
-    min_saving: float = MIN_SAVING, pack: bool = False, share: bool = True,
+    min_saving: float = MIN_SAVING, pack: bool = False, share: bool = True, common: bool = False,
 ) -> SharedLayout | None:
     """Group rows whose tokens before their first response token are equal; ``None`` when no
     prompt is shared (and ``pack`` is off) or the layout saves less than ``min_saving`` of the
@@ -87,7 +98,8 @@ def plan_shared_prefixes(
     length, no sequence longer than the longest group): padding-free packing with
     per-sequence position ids and a block-diagonal mask, so rows of very uneven length stop
     paying for each other's padding. ``share=False`` packs without sharing prompts (each row
-    its own group).
+    its own group). ``common`` (with ``share``, without ``pack``) also runs a prefix common to
+    all the prompts once, the whole batch in one sequence (module docstring).
     """
     B, T = input_ids.shape
     attn = (attention_mask > 0).cpu()
@@ -108,12 +120,21 @@ def plan_shared_prefixes(
         key = tuple(ids_cpu[b, prefix].tolist()) if share else (b, -1)  # -1: never a token id
         groups.setdefault(key, []).append((b, answer))
         prefixes.setdefault(key, prefix and [b, *prefix])  # the row and columns of one copy
-    shared = [k for k, rows in groups.items() if len(rows) > 1 and len(prefixes[k]) > 0]
-    if not shared and not pack:
-        return None
     keys = list(groups)
     plen = {k: max(0, len(prefixes[k]) - 1) for k in keys}  # prefix tokens of each group
     lengths = [plen[k] + sum(len(a) for _, a in groups[k]) for k in keys]
+    root = 0  # tokens of the prefix common to every group (the common-prefix layout)
+    if common and share and not pack and len(keys) > 1:
+        c = 0
+        shortest = min(len(k) for k in keys)
+        while c < shortest and all(k[c] == keys[0][c] for k in keys):
+            c += 1
+        merged = sum(lengths) - (len(keys) - 1) * c
+        if c >= MIN_COMMON_PREFIX and merged <= MAX_COMMON_LENGTH and merged < len(keys) * max(lengths):
+            root = c
+    shared = [k for k, rows in groups.items() if len(rows) > 1 and len(prefixes[k]) > 0]
+    if not shared and not pack and not root:
+        return None
     # bins[g] = the groups (indices into keys) laid out one after another in packed sequence g
     if pack:
         cap = max(lengths)
@@ -127,6 +148,8 @@ def plan_shared_prefixes(
             else:
                 bins[g].append(i)
                 fill[g] += lengths[i]
+    elif root:  # one sequence: the common prefix once, then every group without it
+        bins, fill = [list(range(len(keys)))], [sum(lengths) - (len(keys) - 1) * root]
     else:
         bins, fill = [[i] for i in range(len(keys))], lengths
     G, L = len(bins), max(fill)
@@ -143,18 +166,27 @@ def plan_shared_prefixes(
     pos_cpu = position_ids.cpu()
     for g, members in enumerate(bins):
         at = 0
+        if root:  # the common prefix, from the first group's copy (every row has it at positions 0..root-1)
+            b0, pcols = prefixes[keys[0]][0], prefixes[keys[0]][1 : 1 + root]
+            ids[g, :root] = ids_cpu[b0, pcols]
+            pos[g, :root] = pos_cpu[b0, pcols]
+            seg[g, :root] = 0
+            grp[g, :root] = _ROOT
+            for b in range(B):
+                where[b, attn[b].nonzero().squeeze(-1)[:root]] = g * L + torch.arange(root)
+            at = root
         for gi in members:
             key, rows = keys[gi], groups[keys[gi]]
-            n = plen[key]
+            n = plen[key] - root  # the prompt's tokens after the common prefix
             if n:
-                b0, pcols = prefixes[key][0], prefixes[key][1:]
+                b0, pcols = prefixes[key][0], prefixes[key][1 + root :]
                 ids[g, at : at + n] = ids_cpu[b0, pcols]
                 pos[g, at : at + n] = pos_cpu[b0, pcols]
                 seg[g, at : at + n] = 0
                 grp[g, at : at + n] = gi
                 for b, _ in rows:  # every row's prompt tokens map to the one shared copy
                     real = attn[b].nonzero().squeeze(-1)
-                    where[b, real[:n]] = g * L + at + torch.arange(n)
+                    where[b, real[root : root + n]] = g * L + at + torch.arange(n)
             at += n
             for i, (b, answer) in enumerate(rows, 1):
                 k = len(answer)
@@ -169,7 +201,10 @@ def plan_shared_prefixes(
     causal = q[None, :] <= q[:, None]  # (L, L): key j <= query i
     sq, sk = seg[:, :, None], seg[:, None, :]  # (G, L, 1), (G, 1, L)
     same = grp[:, :, None] == grp[:, None, :]  # block-diagonal: a group sees only itself
-    allowed = causal & same & (((sk == 0) & (sq >= 0)) | (sk == sq))  # padding queries see padding
+    allowed = same & (((sk == 0) & (sq >= 0)) | (sk == sq))  # padding queries see padding
+    if root:  # and every real token sees the common prefix
+        allowed |= (grp[:, None, :] == _ROOT) & (sq >= 0)
+    allowed &= causal
     return SharedLayout(
         input_ids=ids.to(dev),
         position_ids=pos.to(dev),

@@ -80,10 +80,12 @@ def precision_table(a) -> None:
         else:
             cmd = [f"trainer.precision={mode}"]
         # each mode in a fresh process (the bf16-plain patch must not leak)
+        here, over = str(Path(__file__).parent), cmd + ["algo.lr=1e-6"]
         code = (
-            "import sys, json; sys.path.insert(0, %r); import bench_precision_real as b; "
-            "s = b.run(%r, %r, b.Path(%r), %d, %r, plain_bf16=%r); print(json.dumps(s['last']['loss/total']))"
-        ) % (str(Path(__file__).parent), a.model, prefs, str(out), a.steps, cmd + ["algo.lr=1e-6"], mode == "bf16-plain")
+            f"import sys, json; sys.path.insert(0, {here!r}); import bench_precision_real as b; "
+            f"s = b.run({a.model!r}, {prefs!r}, b.Path({str(out)!r}), {a.steps:d}, {over!r}, "
+            f"plain_bf16={mode == 'bf16-plain'!r}); print(json.dumps(s['last']['loss/total']))"
+        )
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if res.returncode:
             print(res.stderr[-2000:], file=sys.stderr)
@@ -109,10 +111,12 @@ def memory_table(a) -> None:
     print("| run | peak RSS MiB |")
     print("|---|---|")
     for name, extra in [("full fine-tuning", []), ("LoRA r=16 (all linear)", ["model.lora.r=16"])]:
+        here, out = str(Path(__file__).parent), str(tmp / name.split()[0])
         code = (
-            "import sys, resource; sys.path.insert(0, %r); import bench_precision_real as b; "
-            "b.run(%r, %r, b.Path(%r), %d, %r); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-        ) % (str(Path(__file__).parent), a.model, prefs, str(tmp / name.split()[0]), a.steps, extra)
+            f"import sys, resource; sys.path.insert(0, {here!r}); import bench_precision_real as b; "
+            f"b.run({a.model!r}, {prefs!r}, b.Path({out!r}), {a.steps:d}, {extra!r}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        )
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if res.returncode:
             print(res.stderr[-2000:], file=sys.stderr)

@@ -6,11 +6,18 @@ The workload is bench_vs_trl.py's real-model one (``REAL``). Prints the cumulati
 time of the parts of a step (generation, the training forward, backward, reference,
 optimiser...) as shares of the profiled steps. cProfile inflates Python-heavy parts a little;
 the model work (torch ops) is timed as it runs.
+
+``--memory`` also records every tensor allocation of the profiled steps (torch profiler,
+``profile_memory``) and prints the peak of the bytes in use above the step's start, the ops
+running at that moment (innermost first) and the ops that allocated the most up to it: where a
+step's peak memory is, and what is alive then.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import cProfile
 import pstats
 import sys
@@ -39,6 +46,49 @@ PARTS = [
 ]
 
 
+def memory_report(tp, top: int = 12) -> None:
+    """The step-relative peak of allocated bytes in a torch-profiler trace and what made it."""
+    mem, ops = [], []
+    for e in tp.profiler.kineto_results.events():
+        if e.name() == "[memory]":
+            mem.append((e.start_ns(), e.nbytes()))
+        else:
+            ops.append((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()))
+    mem.sort()
+    ops.sort()
+    cur = peak = 0
+    at = None
+    for t, b in mem:
+        cur += b
+        if cur > peak:
+            peak, at = cur, t
+    if at is None:
+        print("no allocations recorded")
+        return
+    starts = [o[0] for o in ops]
+
+    def innermost(t):
+        best = None
+        for o in reversed(ops[max(0, bisect.bisect_right(starts, t) - 400) : bisect.bisect_right(starts, t)]):
+            if o[0] <= t <= o[1] and (best is None or o[1] - o[0] < best[1] - best[0]):
+                best = o
+        return best[2] if best else "?"
+
+    around = sorted((o for o in ops if o[0] <= at <= o[1]), key=lambda o: o[1] - o[0])
+    print(f"peak of allocated memory above the step's start: {peak / 2**20:.0f} MiB; net at the end "
+          f"{cur / 2**20:.0f} MiB")
+    print("ops at the peak (innermost first): " + " < ".join(o[2] for o in around[:6]))
+    by = collections.Counter()
+    for t, b in mem:
+        if t > at:
+            break
+        by[innermost(t)] += b
+    print("| op | net MiB allocated up to the peak |")
+    print("|---|---|")
+    for name, b in by.most_common(top):
+        print(f"| {name} | {b / 2**20:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", default="grpo")
@@ -49,6 +99,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="trainer.precision (fp32, bf16-mixed, ...)")
     ap.add_argument("--ops", type=int, default=0, help="also print the N torch ops with the most self CPU time")
     ap.add_argument("--shapes", action="store_true", help="group the op table by input shapes")
+    ap.add_argument("--memory", action="store_true", help="also print where the step's peak memory is (see above)")
     ap.add_argument("--top", type=int, default=0, help="also print the N functions with the most cumulative time")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra rlfuse override (repeatable), e.g. --set trainer.host_memory=release")
@@ -76,11 +127,12 @@ def main() -> None:
         t0 = time.perf_counter()
         prof.enable()
         try:
-            if not a.ops:
+            if not (a.ops or a.memory):
                 return step_fn(ctx, opt, params, step)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=a.shapes) as tp:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=a.shapes,
+                                        profile_memory=a.memory) as tp:
                 r = step_fn(ctx, opt, params, step)
-            ops.append(tp.key_averages(group_by_input_shape=a.shapes))
+            ops.append(tp)
             return r
         finally:
             prof.disable()
@@ -107,8 +159,11 @@ def main() -> None:
             continue
         cum = max(v[3] for _, v in hits) / a.steps
         print(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
-    for k in ops[-1:]:
-        print(k.table(sort_by="self_cpu_time_total", row_limit=a.ops))
+    for tp in ops[-1:]:
+        if a.ops:
+            print(tp.key_averages(group_by_input_shape=a.shapes).table(sort_by="self_cpu_time_total", row_limit=a.ops))
+        if a.memory:
+            memory_report(tp)
     if a.top:
         st.sort_stats("cumulative").print_stats(a.top)
 

@@ -141,6 +141,17 @@ def test_unknown_plugin_lists_the_installed_ones(tmp_path):
     assert exit_code(e) == 2
 
 
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["rollout.engine=vllm"], "rollout.engine"),
+    (["rollout.old_logprobs=bogus"], "rollout.old_logprobs"),
+    (["reward.kl_penalty.beta=-1"], "reward.kl_penalty.beta"),
+])
+def test_bad_plugin_option_is_refused_before_anything_is_written(tmp_path, overrides, key):
+    e = fails(overrides, tmp_path / "run", match=f"Config error at '{key}")
+    assert exit_code(e) == 2
+    assert not (tmp_path / "run").exists()  # like a bad core key: not even config.yaml
+
+
 def test_a_plugin_module_without_hookimpl_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "nohook_plugin.py").write_text("def reward(ctx, batch):\n    return None\n")
     monkeypatch.syspath_prepend(str(tmp_path))

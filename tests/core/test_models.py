@@ -92,8 +92,8 @@ def test_tied_embedding_fold_gives_the_same_gradient(path, monkeypatch):
     w = model.get_input_embeddings().weight
     assert model.get_output_embeddings().weight is w
     grads = {}
-    for fold_from in (models.FOLD_MIN_VOCAB, 10**9):  # folded, then autograd's sum
-        monkeypatch.setattr(models, "FOLD_MIN_VOCAB", fold_from)
+    for fold_from in (models.LARGE_VOCAB, 10**9):  # folded, then autograd's sum
+        monkeypatch.setattr(models, "LARGE_VOCAB", fold_from)
         model.zero_grad(set_to_none=True)
         out = models.forward(model, b, entropy=True)
         (out.logprobs.sum() + 0.1 * out.entropy.sum()).backward()
@@ -121,7 +121,7 @@ def test_tied_embedding_fold_makes_no_second_vocab_sized_buffer(monkeypatch):
         return sum(1 for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() == vh)
 
     assert big_allocations() == 1
-    monkeypatch.setattr(models, "FOLD_MIN_VOCAB", 10**9)
+    monkeypatch.setattr(models, "LARGE_VOCAB", 10**9)
     assert big_allocations() == 2
 
 
@@ -136,5 +136,5 @@ def test_fold_only_where_it_applies():
         assert set(models.trunk_inputs(tied, b.input_ids)) == {"input_ids"}
     tied.get_input_embeddings().weight.requires_grad_(False)  # a LoRA base
     assert set(models.trunk_inputs(tied, b.input_ids)) == {"input_ids"}
-    small, _ = _setup()  # the tiny model: vocabulary below FOLD_MIN_VOCAB
+    small, _ = _setup()  # the tiny model: vocabulary below LARGE_VOCAB
     assert set(models.trunk_inputs(small, b.input_ids.clamp_max(50))) == {"input_ids"}

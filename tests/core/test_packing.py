@@ -250,3 +250,63 @@ def test_packed_reward_scores_equal_plain(model, monkeypatch):
     assert len(g1) == len(g0)
     for a, b in zip(g1, g0, strict=True):  # summed over rows in another order: rounding
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- a prefix common to different prompts
+
+
+def common_batch(kind="grpo", seed=0, c=10, n=3):
+    """Prompts that share their first ``c`` tokens (a system prompt), then differ; one prompt
+    is the common prefix itself (nothing of its own)."""
+    g = torch.Generator().manual_seed(seed)
+    head = rand_ids(g, c)
+    prompts = [head + rand_ids(g, 5 + 3 * i) for i in range(2)] + [list(head)]
+    if kind == "dpo":  # right padding, chosen and rejected per prompt
+        chosen = [rand_ids(g, 2 + i) + [2] for i in range(3)]
+        rejected = [rand_ids(g, 5 - i) + [2] for i in range(3)]
+        ids, attn, resp = pack(prompts * 2, chosen + rejected, pad_id=0)
+        return Batch(ids, attn, resp)
+    ids, mask = left_pad([p for p in prompts for _ in range(n)], pad_id=0)
+    B, L = ids.shape[0], 5
+    resp = torch.randint(4, 99, (B, L), generator=g)
+    rmask = (torch.arange(L)[None] < torch.randint(1, L + 1, (B,), generator=g)[:, None]).long()
+    resp = resp.masked_fill(rmask == 0, 0)
+    return Batch(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1),
+                 torch.cat([torch.zeros_like(mask), rmask], 1).float())
+
+
+def plan(batch, **kw):
+    pos = models.position_ids(batch.attention_mask)
+    return packing.plan_shared_prefixes(batch.input_ids, batch.attention_mask, batch.response_mask, pos, **kw)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["grpo", "dpo"])
+def test_common_prefix_forward_equals_plain(model, kind, attn, monkeypatch):
+    monkeypatch.setattr(models, "LARGE_VOCAB", 0)  # the tiny model's vocabulary counts as large
+    monkeypatch.setattr(model.config, "_attn_implementation", attn)
+    batch = common_batch(kind)
+    lay = plan(batch, common=True)
+    assert lay is not None and lay.input_ids.shape[0] == 1  # the whole batch in one sequence
+    assert_same(run(model, batch, fast), run(model, batch, plain))
+
+
+def test_common_prefix_layout_maps_every_token_and_saves():
+    batch = common_batch("grpo")
+    per_prompt, common = plan(batch), plan(batch, common=True)
+    assert common.packed_positions < per_prompt.packed_positions
+    pos = models.position_ids(batch.attention_mask)
+    real = batch.attention_mask.bool()
+    assert torch.equal(common.input_ids.reshape(-1)[common.where[real]], batch.input_ids[real])
+    assert torch.equal(common.position_ids.reshape(-1)[common.where[real]], pos[real])
+    first = common.where[:, :].gather(1, real.long().argmax(1, keepdim=True))  # each row's first real token
+    assert (first == 0).all()  # every row's prompt starts at the one common copy
+    allowed = common.allowed[0, 0]
+    assert allowed[:, :10].sum(0).eq(allowed.shape[0] - torch.arange(10)).all()  # everyone sees the prefix
+
+
+def test_short_common_prefix_keeps_the_per_prompt_layout():
+    batch = common_batch("grpo", c=packing.MIN_COMMON_PREFIX - 1)
+    lay = plan(batch, common=True)
+    assert lay is not None and lay.input_ids.shape[0] == 3  # one sequence per prompt
+    assert plan(common_batch("grpo"), common=True, pack=True).input_ids.shape[0] >= 1  # pack: its own layout
