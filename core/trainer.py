@@ -46,7 +46,7 @@ from rlfuse.checkpoint import (
 from rlfuse.config import check_ranges
 from rlfuse.data import Batch, ForwardOutput, LossOutput
 from rlfuse.errors import NonFiniteError
-from rlfuse.manager import PluginError, PluginManager, load_plugins
+from rlfuse.manager import PluginError, PluginManager, check_sections, load_plugins
 from rlfuse.metrics import finite_or_none
 from rlfuse.precision import Precision
 
@@ -378,9 +378,10 @@ def _train(cfg: DictConfig, run_dir: str | Path | None, stop: stops.StopSignals)
 
     run_dir = Path(run_dir or cfg.run_dir or "outputs/run")
     check_ranges(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.init_from(cfg)
     cfg = distributed.for_rank(cfg, dist.rank)  # heterogeneous agents: algo.agents[rank]
+    check_sections(cfg)  # every plugin's options, before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resume_point(cfg, run_dir)
     changes = check_config(cfg, ckpt) if ckpt is not None else {}
     if cfg.trainer.threads:
