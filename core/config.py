@@ -51,7 +51,8 @@ class ModelConfig:
     # in bf16 anyway: half the memory, no per-step cast), else the policy's dtype | null | bfloat16 | ...
     ref_dtype: str | None = "auto"
     ref_name_or_path: str | None = None  # default: a frozen copy of the initial policy
-    share_prefix: bool = True  # rows with the same prompt run it once per forward (rlfuse.packing)
+    share_prefix: bool = True  # rows with the same prompt run it once per forward, and (vocabulary >= 8192)
+    # a prefix common to all prompts once per batch (rlfuse.packing)
     # rows packed into common sequences without padding when that saves >= 15% of the positions
     # (rlfuse.packing; faster on uneven lengths, but off by default: docs/performance.md)
     pack: bool = False
