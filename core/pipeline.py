@@ -85,10 +85,7 @@ def with_warmup(cfg: DictConfig) -> DictConfig:
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    run_dir.mkdir(parents=True, exist_ok=True)
     main = distributed.current().is_main  # only rank 0 writes the pipeline's files
-    if main:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     # the user's overrides reach every stage, except the preset choice itself and run dirs
     # (overrides of the pipeline's own shape -- algo.stages/summary/warmup -- stay here)
     user = [
@@ -140,6 +137,9 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[s
         (d / "summary.json").exists() or latest_checkpoint(d) for _, _, d, _, _ in plans
     ):
         raise ConfigError("trainer.resume", f"is true, but no stage of {run_dir} has a checkpoint or has finished")
+    run_dir.mkdir(parents=True, exist_ok=True)  # every stage checked: now write
+    if main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     for name, stage, stage_dir, stage_over, stage_cfg in plans:
         done = stage_dir / "summary.json"
         if done.exists():

@@ -152,6 +152,14 @@ def test_bad_plugin_option_is_refused_before_anything_is_written(tmp_path, overr
     assert not (tmp_path / "run").exists()  # like a bad core key: not even config.yaml
 
 
+def test_bad_plugin_option_in_a_pipeline_writes_nothing(tmp_path):
+    """The default job (the RLHF pipeline) checks every stage before its folder is made."""
+    e = fails(["algo=rlhf", "rollout.engine=vllm"], tmp_path / "run", match="Config error at 'rollout.engine'",
+              base=[])
+    assert exit_code(e) == 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_plugin_module_without_hookimpl_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "nohook_plugin.py").write_text("def reward(ctx, batch):\n    return None\n")
     monkeypatch.syspath_prepend(str(tmp_path))
