@@ -123,7 +123,7 @@ def plan_shared_prefixes(
     keys = list(groups)
     plen = {k: max(0, len(prefixes[k]) - 1) for k in keys}  # prefix tokens of each group
     lengths = [plen[k] + sum(len(a) for _, a in groups[k]) for k in keys]
-    root = 0  # tokens of the prefix common to every group (the common-prefix layout)
+    root = merged = 0  # the prefix common to every group, the one sequence holding them all
     if common and share and not pack and len(keys) > 1:
         c = 0
         shortest = min(len(k) for k in keys)
@@ -149,7 +149,7 @@ def plan_shared_prefixes(
                 bins[g].append(i)
                 fill[g] += lengths[i]
     elif root:  # one sequence: the common prefix once, then every group without it
-        bins, fill = [list(range(len(keys)))], [sum(lengths) - (len(keys) - 1) * root]
+        bins, fill = [list(range(len(keys)))], [merged]
     else:
         bins, fill = [[i] for i in range(len(keys))], lengths
     G, L = len(bins), max(fill)
@@ -164,14 +164,19 @@ def plan_shared_prefixes(
     seg = torch.full((G, L), -1, dtype=torch.long)  # 0 = the group's prefix, i = its answer i
     where = torch.full((B, T), -1, dtype=torch.long)
     pos_cpu = position_ids.cpu()
+
+    def put(g: int, at: int, b: int, cols, segment: int, group: int) -> None:
+        """Row ``b``'s tokens at ``cols`` into packed sequence ``g`` from position ``at``."""
+        k = len(cols)
+        ids[g, at : at + k] = ids_cpu[b, cols]
+        pos[g, at : at + k] = pos_cpu[b, cols]
+        seg[g, at : at + k] = segment
+        grp[g, at : at + k] = group
+
     for g, members in enumerate(bins):
         at = 0
         if root:  # the common prefix, from the first group's copy (every row has it at positions 0..root-1)
-            b0, pcols = prefixes[keys[0]][0], prefixes[keys[0]][1 : 1 + root]
-            ids[g, :root] = ids_cpu[b0, pcols]
-            pos[g, :root] = pos_cpu[b0, pcols]
-            seg[g, :root] = 0
-            grp[g, :root] = _ROOT
+            put(g, 0, prefixes[keys[0]][0], prefixes[keys[0]][1 : 1 + root], 0, _ROOT)
             for b in range(B):
                 where[b, attn[b].nonzero().squeeze(-1)[:root]] = g * L + torch.arange(root)
             at = root
@@ -179,11 +184,7 @@ def plan_shared_prefixes(
             key, rows = keys[gi], groups[keys[gi]]
             n = plen[key] - root  # the prompt's tokens after the common prefix
             if n:
-                b0, pcols = prefixes[key][0], prefixes[key][1 + root :]
-                ids[g, at : at + n] = ids_cpu[b0, pcols]
-                pos[g, at : at + n] = pos_cpu[b0, pcols]
-                seg[g, at : at + n] = 0
-                grp[g, at : at + n] = gi
+                put(g, at, prefixes[key][0], prefixes[key][1 + root :], 0, gi)
                 for b, _ in rows:  # every row's prompt tokens map to the one shared copy
                     real = attn[b].nonzero().squeeze(-1)
                     where[b, real[root : root + n]] = g * L + at + torch.arange(n)
@@ -191,10 +192,7 @@ def plan_shared_prefixes(
             for i, (b, answer) in enumerate(rows, 1):
                 k = len(answer)
                 if k:
-                    ids[g, at : at + k] = ids_cpu[b, answer]
-                    pos[g, at : at + k] = pos_cpu[b, answer]
-                    seg[g, at : at + k] = i
-                    grp[g, at : at + k] = gi
+                    put(g, at, b, answer, i, gi)
                     where[b, answer] = g * L + at + torch.arange(k)
                 at += k
     q = torch.arange(L)

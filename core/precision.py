@@ -31,7 +31,7 @@ autograd would save autocast's bf16/fp16 copy of every matrix (SmolLM2-135M: 257
 until the backward reaches it; :func:`recast_saved_weights` saves a reference to the fp32 weight
 instead and the backward casts it again -- the same values (rounding to nearest is a function of
 the weight), one extra cast per weight and step. Measured on a GRPO step of SmolLM2 (with
-:mod:`rlfuse.models`' tied-embedding gradient fold): peak RSS 3,065-3,085 -> 2,815-2,819 MiB.
+:mod:`rlfuse.models`' tied-embedding gradient fold): peak RSS 3,065-3,085 -> 2,766-2,815 MiB.
 
 The trainer owns the optimiser: it calls :meth:`Precision.autocast` around rollouts, loss
 forwards and evaluation, :meth:`Precision.backward` for the loss, :meth:`Precision.unscale`
