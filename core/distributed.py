@@ -330,10 +330,10 @@ class Dist:
     def close(self) -> None:
         """Stop the heartbeat and wait for its thread: a daemon thread still inside a store
         call when the interpreter exits is torn down mid-C++ (``terminate called without an
-        active exception``, seen once in a test under load)."""
+        active exception``). The wait is bounded (a store call to a gone host may hang)."""
         self._stop.set()
         if self._hb is not None:
-            self._hb.join(timeout=2 * self.heartbeat_s + 1.0)  # a store call to a gone host may hang: bounded
+            self._hb.join(timeout=max(10.0, 2 * self.heartbeat_s + 1.0))
             self._hb = None
 
 
@@ -380,15 +380,27 @@ def current() -> Dist:
 
 
 def shutdown() -> None:
-    """Leave the process group (call once, at the end of the process)."""
-    global _CURRENT
-    if _CURRENT is not None and _CURRENT.enabled:
-        import torch.distributed as td
+    """Leave the process group: once, at the end of the process, on every rank.
 
-        _CURRENT.close()
-        if td.is_initialized():
-            td.destroy_process_group()
-    _CURRENT = None
+    In order: this rank's heartbeat thread is stopped and joined; the ranks meet in a last
+    barrier; only then is the group destroyed. Without the barrier a rank that finished
+    first tore its group (and, on rank 0, the rendezvous store) down while a peer was still
+    in its last steps, and a rank now and then died at exit with SIGABRT (``terminate called
+    without an active exception``) after a finished run. A peer already lost only makes the
+    barrier fail (ignored: there is nobody left to wait for)."""
+    global _CURRENT
+    d, _CURRENT = _CURRENT, None
+    if d is None or not d.enabled:
+        return
+    import torch.distributed as td
+
+    d.close()
+    try:
+        d.barrier("the last barrier (shutdown)")
+    except PeerLost:
+        pass
+    if td.is_initialized():
+        td.destroy_process_group()
 
 
 # ------------------------------------------------------------------------ helpers

@@ -2,8 +2,10 @@
 
 Every rank is a subprocess ``python -m distributed_support SCENARIO ARGS_JSON`` with torchrun's
 environment variables set by hand (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``,
-``MASTER_PORT``) and one thread; :func:`launch` starts them and :func:`wait` joins them with
-a hard timeout (a rank still running after it is killed and the test fails). Each rank writes
+``MASTER_PORT``), one thread and Python's fault handler on (a rank killed by a signal,
+SIGABRT or SIGSEGV, leaves every thread's Python stack in its log); :func:`launch` starts
+them and :func:`wait` joins them with a hard timeout (a rank still running after it is
+killed and the test fails). Each rank writes
 what the test checks under ``out/``: ``rank<r>.json`` and, for jobs, ``rank<r>.pt`` (the flat
 trainable weights); scenario ``jobs`` runs several jobs in the same ranks (one start-up).
 """
@@ -35,7 +37,8 @@ def launch(scenario: str, world: int, args: dict[str, Any], out: Path, env: dict
     procs = []
     for r in range(world):
         e = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS), **(env or {}))
+                 MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS),
+                 PYTHONFAULTHANDLER="1", **(env or {}))  # a rank that aborts prints every thread's stack
         e.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "distributed_support", scenario, json.dumps({**args, "out": str(out)})],
@@ -261,7 +264,11 @@ def _sync_checks(args: dict[str, Any]) -> None:
         res["two_phase"] = str(e)
     res["two_phase_applied"] = len(applied)
     Path(args["out"], f"rank{r}.json").write_text(json.dumps(res))
+    # shutdown: rank 1 arrives a second late; no rank may leave before every rank arrived
+    time.sleep(1.0 * r)
+    entered = time.time()
     distributed.shutdown()
+    Path(args["out"], f"shutdown{r}.json").write_text(json.dumps({"entered": entered, "left": time.time()}))
 
 
 def _collective_loop(args: dict[str, Any]) -> None:

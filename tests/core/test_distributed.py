@@ -114,7 +114,10 @@ def checks(tmp_path_factory):
     out = tmp_path_factory.mktemp("checks")
     codes = wait(launch("sync_checks", 2, {}, out), timeout=180)
     assert codes == [0, 0], logs(out, 2)
-    return results(out, 2)
+    res = results(out, 2)
+    for r, rank in enumerate(res):
+        rank["shutdown"] = json.loads((out / f"shutdown{r}.json").read_text())
+    return res
 
 
 def test_metric_reduction_exact_with_uneven_counts(checks):
@@ -130,6 +133,14 @@ def test_two_phase_failure_on_one_rank_is_applied_by_none(checks):
     for r in checks:
         assert r["two_phase_applied"] == 0
         assert "rank(s) [1] failed" in r["two_phase"] and "ZeroDivisionError" in r["two_phase"]
+
+
+def test_shutdown_waits_for_every_rank(checks):
+    # rank 1 reaches shutdown a second after rank 0: rank 0 must not tear the group (and the
+    # store it hosts) down before that (a rank leaving early once ended a peer with SIGABRT)
+    last_in = max(r["shutdown"]["entered"] for r in checks)
+    assert all(r["shutdown"]["left"] >= last_in for r in checks), [r["shutdown"] for r in checks]
+    assert checks[1]["shutdown"]["entered"] - checks[0]["shutdown"]["entered"] > 0.5
 
 
 def test_single_process_reduction_is_a_plain_mean():
