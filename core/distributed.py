@@ -335,6 +335,7 @@ class Dist:
         if self._hb is not None:
             self._hb.join(timeout=max(10.0, 2 * self.heartbeat_s + 1.0))
             self._hb = None
+        self.store = None  # with the group destroyed, nothing keeps the store (rank 0: its server) alive
 
 
 # ------------------------------------------------------------------------ process-wide
@@ -353,6 +354,13 @@ def init(timeout_s: float = 300.0, heartbeat_s: float = 1.0, backend: str = "aut
     if world <= 1:
         _CURRENT = Dist(timeout_s=timeout_s)
         return _CURRENT
+    # torch._dynamo imported after the group exists (transformers imports it when it builds a
+    # model) keeps a reference to the default group: destroy_process_group() then no longer
+    # frees it, gloo's worker threads live on into interpreter exit, and one that releases a
+    # finished collective's tensors there cannot take the GIL and aborts the process (SIGABRT,
+    # "terminate called without an active exception") after a finished run. Imported before
+    # the group is created it holds none (it costs nothing extra: every job builds a model).
+    import torch._dynamo  # noqa: F401
     import torch.distributed as td
 
     rank = int(os.environ["RANK"])
@@ -382,12 +390,15 @@ def current() -> Dist:
 def shutdown() -> None:
     """Leave the process group: once, at the end of the process, on every rank.
 
-    In order: this rank's heartbeat thread is stopped and joined; the ranks meet in a last
-    barrier; only then is the group destroyed. Without the barrier a rank that finished
-    first tore its group (and, on rank 0, the rendezvous store) down while a peer was still
-    in its last steps, and a rank now and then died at exit with SIGABRT (``terminate called
-    without an active exception``) after a finished run. A peer already lost only makes the
-    barrier fail (ignored: there is nobody left to wait for)."""
+    In order: this rank's heartbeat thread is stopped and joined (and the store dropped); the
+    ranks meet in a last barrier, so no rank tears its group (or, on rank 0 of a bare launch,
+    the store it hosts) down while a peer is still in its last steps; then the group is
+    destroyed. A group that outlives this (something still refers to it) keeps gloo's worker
+    threads into interpreter exit, where one releasing a finished collective's tensors cannot
+    take the GIL and aborts the process: :func:`init` keeps torch._dynamo from holding the
+    group, and the last barrier waits until the worker has released its tensor, so even a
+    group kept alive elsewhere (FSDP's DTensor caches refer to its mesh) has no work left to
+    release. A peer already lost only makes the barrier fail (ignored: nobody to wait for)."""
     global _CURRENT
     d, _CURRENT = _CURRENT, None
     if d is None or not d.enabled:
@@ -395,10 +406,15 @@ def shutdown() -> None:
     import torch.distributed as td
 
     d.close()
+    flag = torch.zeros(1)
     try:
-        d.barrier("the last barrier (shutdown)")
+        d.all_reduce(flag, what="the last barrier (shutdown)")
     except PeerLost:
         pass
+    else:  # the waiter wakes before the worker drops its reference: wait for it (bounded)
+        deadline = time.monotonic() + 10.0
+        while flag._use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
     if td.is_initialized():
         td.destroy_process_group()
 

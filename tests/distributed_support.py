@@ -214,6 +214,12 @@ def _sync_checks(args: dict[str, Any]) -> None:
     d = distributed.init(timeout_s=30)
     r = d.rank
     res: dict[str, Any] = {}
+    # as in every job, a transformers model is built after the group exists (it imports
+    # torch._dynamo, which must not keep the group alive past shutdown: checked at the end)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2))
 
     # metric reduction with uneven counts; rank 1 has a key the others lack
     values = [float(v) for v in range(1, 3 + 4 * r)]  # rank r holds 2 + 4r values
@@ -268,7 +274,15 @@ def _sync_checks(args: dict[str, Any]) -> None:
     time.sleep(1.0 * r)
     entered = time.time()
     distributed.shutdown()
-    Path(args["out"], f"shutdown{r}.json").write_text(json.dumps({"entered": entered, "left": time.time()}))
+    left = time.time()
+    Path(args["out"], f"shutdown{r}.json").write_text(json.dumps({"entered": entered, "left": left,
+                                                                 "threads": _thread_names()}))
+
+
+def _thread_names() -> list[str]:
+    """This process's native threads by name (Linux: gloo's are ``pt_gloo_*``/``gloo_*``)."""
+    task = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in task.iterdir()) if task.exists() else []
 
 
 def _collective_loop(args: dict[str, Any]) -> None:
