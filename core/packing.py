@@ -107,12 +107,14 @@ def plan_shared_prefixes(
     ids_cpu = input_ids.cpu()
     groups: dict[tuple, list[tuple[int, list[int]]]] = {}
     prefixes: dict[tuple, list[int]] = {}
+    starts: list[int] = []  # each row's first real column (its real columns are contiguous)
     for b in range(B):
         real = attn[b].nonzero().squeeze(-1).tolist()
         if not real:
             return None
         if real[-1] - real[0] + 1 != len(real):
             return None  # holes in a row: not a layout this packs
+        starts.append(real[0])
         first = resp[b].nonzero()
         start = int(first[0]) if first.numel() and share else real[-1] + 1
         prefix = [t for t in real if t < start]  # without sharing: the whole row, no answer
@@ -178,7 +180,7 @@ def plan_shared_prefixes(
         if root:  # the common prefix, from the first group's copy (every row has it at positions 0..root-1)
             put(g, 0, prefixes[keys[0]][0], prefixes[keys[0]][1 : 1 + root], 0, _ROOT)
             for b in range(B):
-                where[b, attn[b].nonzero().squeeze(-1)[:root]] = g * L + torch.arange(root)
+                where[b, starts[b] : starts[b] + root] = g * L + torch.arange(root)
             at = root
         for gi in members:
             key, rows = keys[gi], groups[keys[gi]]
@@ -186,8 +188,7 @@ def plan_shared_prefixes(
             if n:
                 put(g, at, prefixes[key][0], prefixes[key][1 + root :], 0, gi)
                 for b, _ in rows:  # every row's prompt tokens map to the one shared copy
-                    real = attn[b].nonzero().squeeze(-1)
-                    where[b, real[root : root + n]] = g * L + at + torch.arange(n)
+                    where[b, starts[b] + root : starts[b] + root + n] = g * L + at + torch.arange(n)
             at += n
             for i, (b, answer) in enumerate(rows, 1):
                 k = len(answer)
